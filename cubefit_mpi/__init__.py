@@ -1,0 +1,29 @@
+"""cubefit_mpi: MPI-parallel LOSVD-convolved stellar-population fitting of IFU data cubes.
+
+Importing the package starts nothing (no MPI, no HDF5).  The spec's public names are
+available lazily::
+
+    from cubefit_mpi import H5Manager, H5Dims
+"""
+__version__ = "0.1.0"
+
+_LAZY = {
+    "H5Manager": ("hdf5_manager", "H5Manager"),
+    "open_h5": ("hdf5_manager", "open_h5"),
+    "H5Dims": ("layout", "H5Dims"),
+    "InputError": ("errors", "InputError"),
+    "MockSpec": ("mock", "MockSpec"),
+    "make_mock": ("mock_galaxy", "make_mock"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+    raise AttributeError(f"module 'cubefit_mpi' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_LAZY]

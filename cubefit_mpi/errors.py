@@ -1,0 +1,17 @@
+"""Exception types that decide the process exit code.
+
+``InputError`` (exit 2) is raised for anything the user can fix: a missing or malformed
+dataset, a bad option, an environment knob that does not parse.  Its message is one line that
+names the dataset/argument and says what was expected.  Everything else is an internal error
+(exit 1).
+"""
+
+
+class InputError(Exception):
+    """Bad input or usage: one clear line naming the dataset/option, exit code 2."""
+
+    exit_code = 2
+
+
+class KnobError(InputError):
+    """A ``CUBEFIT_*`` environment variable is unknown or does not parse."""

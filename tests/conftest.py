@@ -1,0 +1,40 @@
+"""Shared fixtures: small synthetic galaxies made once per session, CLI runners."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def run_cli(*args, np_ranks: int | None = None, env=None, timeout=300, cwd=None):
+    """Run ``python -m cubefit_mpi ARGS`` (under ``mpiexec -n np_ranks`` when given)."""
+    cmd = [PYTHON, "-m", "mpi4py", "-m", "cubefit_mpi", *map(str, args)]
+    if np_ranks is not None:
+        cmd = ["mpiexec", "-n", str(np_ranks), *cmd]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPIR_", "HYDRA"))}
+    full_env.update(env or {})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+
+
+def file_bytes(path) -> bytes:
+    return Path(path).read_bytes()
+
+
+@pytest.fixture(scope="session")
+def small_mock(tmp_path_factory):
+    """A noise-free small galaxy (S=60, C=2, P=6, L=120), made serially once."""
+    from mpi4py import MPI
+
+    from cubefit_mpi.mock import MockSpec
+    from cubefit_mpi.mock_galaxy import make_mock
+
+    path = tmp_path_factory.mktemp("mock") / "small.h5"
+    make_mock(str(path), MockSpec(spaxels=60, components=2, populations=6, wavelengths=120, seed=3,
+                                  masked_pixels=6), MPI.COMM_SELF)
+    return path

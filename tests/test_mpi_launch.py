@@ -1,0 +1,45 @@
+"""Launch behaviour under mpiexec: failures end the job, results do not depend on the rank count."""
+import subprocess
+import time
+
+import h5py
+import numpy as np
+
+from conftest import PYTHON, run_cli
+
+FAIL_ON_RANK_1 = """
+from cubefit_mpi.parallel import get_comm, install_abort_excepthook
+comm = get_comm()
+install_abort_excepthook(comm)
+if comm.rank == 1:
+    raise RuntimeError("boom on rank 1")
+comm.recv(source=1)       # would hang forever without the abort hook
+"""
+
+
+def test_exception_on_one_rank_aborts_job_with_exit_1():
+    t0 = time.perf_counter()
+    res = subprocess.run(["mpiexec", "-n", "2", PYTHON, "-c", FAIL_ON_RANK_1],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1, (res.returncode, res.stderr[-500:])
+    assert "boom on rank 1" in res.stderr and "[rank 1]" in res.stderr
+    assert time.perf_counter() - t0 < 30
+
+
+def test_cli_bad_input_under_mpiexec_exits_2_one_line(tmp_path):
+    res = run_cli("status", tmp_path / "missing.h5", np_ranks=2)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"cubefit_mpi status: error: {tmp_path / 'missing.h5'}: no such file"]
+
+
+def test_mock_cli_identical_at_1_2_3_ranks(tmp_path):
+    args = ["--spaxels", 41, "--populations", 6, "--wavelengths", 120, "--seed", 9, "--noise", 30,
+            "--masked-pixels", 4]
+    for n in (1, 2, 3):
+        res = run_cli("mock", tmp_path / f"m{n}.h5", *args, np_ranks=n)
+        assert res.returncode == 0, res.stderr
+    with h5py.File(tmp_path / "m1.h5") as a, h5py.File(tmp_path / "m2.h5") as b, h5py.File(tmp_path / "m3.h5") as c:
+        for name in ("LOSVD", "DataCube", "Templates", "R_T", "Truth/x", "Mask"):
+            ref = a[name][...]
+            assert np.array_equal(ref, b[name][...], equal_nan=True), name
+            assert np.array_equal(ref, c[name][...], equal_nan=True), name
