@@ -13,7 +13,7 @@ import sys
 from typing import Callable
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, WriteFailure
 
 _LOG = logging.getLogger("cubefit_mpi")
 COMMANDS: dict[str, Callable] = {}
@@ -77,12 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a file's inputs (grids, shapes, NaN, LOSVD >= 0, mask); read-only")
     p.add_argument("file")
 
-    for register in _EXTRA_PARSERS:
-        register(sub)
+    import importlib
+
+    for name in CLI_MODULES:
+        importlib.import_module(f".{name}", __package__).register(sub)
     return parser
 
 
-_EXTRA_PARSERS: list[Callable] = []   # later stages add their sub-parsers here
+# stage modules that add sub-commands: each has register(sub), setting handler=fn(args, comm) -> int
+CLI_MODULES = ("cli_build",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,12 +193,19 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(comm, knobs.log_level)
         if rank == 0 and knobs.differing_from_defaults():
             _LOG.info("knobs: %s", knobs.differing_from_defaults())
-        return COMMANDS[args.command](args, comm)
+        handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        return handler(args, comm)
     except InputError as exc:
         if rank == 0:
             sys.stderr.write(f"cubefit_mpi {args.command}: error: {exc}\n")
             sys.stderr.flush()
         return exc.exit_code
+    except WriteFailure as exc:        # end now: no HDF5 close/atexit on a file whose writes failed
+        sys.stderr.write(f"cubefit_mpi {args.command}: error: {exc}\n")
+        sys.stderr.flush()
+        if comm.Get_size() > 1:
+            comm.Abort(exc.exit_code)
+        os._exit(exc.exit_code)
 
 
 def run() -> None:

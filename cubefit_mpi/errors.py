@@ -15,3 +15,13 @@ class InputError(Exception):
 
 class KnobError(InputError):
     """A ``CUBEFIT_*`` environment variable is unknown or does not parse."""
+
+
+class WriteFailure(RuntimeError):
+    """Writing a file failed (disk full, quota, I/O error): exit code 1, with what is still valid.
+
+    The HDF5 file is abandoned, not closed (closing a file whose writes failed can crash the
+    HDF5 library); the process ends at once after printing the message.
+    """
+
+    exit_code = 1

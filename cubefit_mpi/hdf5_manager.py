@@ -23,13 +23,14 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import layout as lay
-from .errors import InputError
+from .errors import InputError, WriteFailure
 from .knobs import get_knobs
 from .layout import H5Dims
 from .parallel import get_comm, raise_if_any, block_range
 from .rebin import REBIN_MODES, rebin_operator
 
 _LOG = logging.getLogger("cubefit_mpi.io")
+_ABANDONED: list = []                 # files left open on purpose after a WriteFailure
 _LOCK_WORDS = ("unable to lock file", "resource temporarily unavailable", "file is already open",
                "errno = 11")
 
@@ -43,8 +44,8 @@ def _h5py():
 
 
 @contextmanager
-def open_h5(path: str | os.PathLike, mode: str = "r", comm=None, *, retries: int = 5,
-            backoff: float = 0.5, swmr: bool = False) -> Iterator["h5py.File"]:
+def open_h5(path: str | os.PathLike, mode: str = "r", comm=None, *, retries: int = 4,
+            backoff: float = 0.25, swmr: bool = False) -> Iterator["h5py.File"]:
     """Open an HDF5 file, MPI-IO when ``comm`` has more than one rank.  Collective over comm.
 
     Parameters
@@ -98,8 +99,13 @@ def open_h5(path: str | os.PathLike, mode: str = "r", comm=None, *, retries: int
         time.sleep(backoff * 2 ** (attempt - 1))
     try:
         yield handle
-    finally:
+    except WriteFailure:
+        _ABANDONED.append(handle)      # never close a file whose writes failed (HDF5 may crash)
+        raise
+    except BaseException:
         handle.close()
+        raise
+    handle.close()
 
 
 def is_parallel(f) -> bool:

@@ -9,6 +9,9 @@ RUN="mpiexec -n $NP $PY -m mpi4py -m cubefit_mpi"
 mkdir -p "$(dirname "$FILE")"
 echo "== 1. synthetic galaxy (mock) on $NP ranks"
 $RUN mock "$FILE" --spaxels 900 --components 3 --populations 24 --wavelengths 800 --seed 1 --noise 60 --masked-pixels 12
+echo "== 2. hypercube build on $NP ranks (resumable; rerunning it is a no-op)"
+$RUN build "$FILE" --norm model
+$RUN done "$FILE"
 echo "== status"
 $PY -m cubefit_mpi status "$FILE"
 echo
