@@ -14,7 +14,6 @@ earlier runs, so it always covers all tiles.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 
@@ -23,6 +22,7 @@ import scipy.sparse as sp
 
 from . import layout as lay
 from .convolve import FFTConvolver
+from .digest import array_digest, rows_digest
 from .errors import InputError, WriteFailure
 from .hdf5_manager import open_h5, read_block, write_block
 from .kernels import AMP_MODES, interpolation_matrix, losvd_amplitude, unit_kernels
@@ -100,14 +100,23 @@ def masked_mean_flux(data: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return np.divide(total, count, out=np.zeros(data.shape[0]), where=count > 0)
 
 
-def tile_energy(tile: np.ndarray, mask: np.ndarray | None, weights: np.ndarray | None = None) -> np.ndarray:
-    """Σ_{s, λ∈mask} w_λ A² of a tile ``(s, c, P, L)`` float32, as ``(c, P)`` float64.  Local."""
-    sel = tile if mask is None else tile[..., mask]
-    a64 = sel.astype(np.float64)
-    if weights is not None:
-        w = weights if mask is None else weights[mask]
-        return np.einsum("scpl,scpl,l->cp", a64, a64, w)
-    return np.einsum("scpl,scpl->cp", a64, a64)
+def pixel_weights(n_pix: int, mask: np.ndarray | None, weights: np.ndarray | None = None) -> np.ndarray:
+    """Per-pixel factor ``(L,)`` of the column energy: w (or 1), 0 where masked.  Local."""
+    used = np.ones(n_pix) if weights is None else np.asarray(weights, dtype=np.float64)
+    return used if mask is None else np.where(mask, used, 0.0)
+
+
+def tile_energy(tile: np.ndarray, used: np.ndarray) -> np.ndarray:
+    """Σ_{s, λ} used_λ A² of a tile ``(s, c, P, L)`` float32, as ``(c, P)`` float64.  Local.
+
+    Summed spaxel by spaxel in order, so the builder (which adds each (s, c) as it computes it)
+    and a later read-back give the same bits.
+    """
+    energy = np.zeros(tile.shape[1:3])
+    for block in tile:
+        for j, pair in enumerate(block):
+            energy[j] += np.square(pair, dtype=np.float64) @ used
+    return energy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,8 +140,7 @@ class _Inputs:
         vel = info["vel_pix"]
         self.vel_pix = vel
         self.interp, self.shifts = interpolation_matrix(vel, float(info["tem_pix"][1] - info["tem_pix"][0]))
-        self.fingerprint = _fingerprint([self.templates, rebin_dense, info["tem_pix"], info["obs_pix"], vel,
-                                         self.mask if self.mask is not None else np.zeros(0)])
+        self.fingerprint = array_digest(self.templates, rebin_dense, info["tem_pix"], info["obs_pix"], vel, self.mask)
         # amplitudes (and data flux) for all spaxels: read by rank slabs, combined with Allreduce
         amp = np.zeros((S, self.dims.C))
         flux = np.zeros(S) if norm_mode == "data" else None
@@ -142,7 +150,7 @@ class _Inputs:
             for lo, hi in tile_bounds(stop - start, 2048):
                 lo, hi = lo + start, hi + start
                 losvd = np.asarray(f[lay.LOSVD][lo:hi], dtype=np.float64)
-                digest ^= _rows_digest(losvd, lo)
+                digest ^= rows_digest(losvd, lo)
                 amp[lo:hi] = losvd_amplitude(losvd, vel, amp_mode)
                 _, empty = unit_kernels(losvd, self.interp)
                 bad = empty & (amp[lo:hi] != 0)
@@ -157,7 +165,7 @@ class _Inputs:
             error = exc
         raise_if_any(error, comm)
         self.amp = allreduce_sum(amp, comm)
-        self.fingerprint += "-" + format(comm.allreduce(digest, op=_bxor()) & (2**63 - 1), "x")
+        self.fingerprint += "-" + format(comm.allreduce(digest, op=_bxor()), "x")
         self.data_flux = None
         self.flux_computed = False
         if norm_mode == "data":
@@ -175,22 +183,11 @@ class _Inputs:
         self.scale = spaxel_scale(self.amp, norm_mode, self.data_flux)
 
 
-def _fingerprint(arrays) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:32]
+def mark_models_changed(f, comm) -> None:
+    """Give ``/HyperCube/models`` a new ``models.version`` (caches keyed on it go stale).  Collective."""
+    import uuid
 
-
-def _rows_digest(rows: np.ndarray, first: int) -> int:
-    """XOR of per-row hashes (row index included): exact and independent of how rows are split."""
-    out = 0
-    for i, row in enumerate(rows):
-        h = hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=8, key=str(first + i).encode())
-        out ^= int.from_bytes(h.digest(), "little")
-    return out
+    f[lay.HYPERCUBE].attrs["models.version"] = comm.bcast(uuid.uuid4().hex if comm.Get_rank() == 0 else None)
 
 
 def _bxor():
@@ -213,11 +210,11 @@ def compute_unit(conv: FFTConvolver, inp: _Inputs, kernels: np.ndarray, s0: int,
             if scale == 0.0:
                 out[i, j] = 0.0
                 continue
-            on_template_grid = conv.convolve(kernels[i, c])                 # (P, T)
-            rebinned = (inp.rebin_lt @ on_template_grid.T).T                # (P, L)
+            on_template_grid = conv.convolve(kernels[i, c])                 # (T, P) contiguous
+            rebinned = inp.rebin_lt @ on_template_grid                       # (L, P)
             np.maximum(rebinned, 0.0, out=rebinned)
             rebinned *= scale
-            out[i, j] = rebinned
+            out[i, j] = rebinned.T
     return out
 
 
@@ -295,6 +292,7 @@ def build_hypercube(path: str, norm_mode: str = "model", amp_mode: str = "sum", 
         knobs = get_knobs()
         conv = FFTConvolver(inp.templates, inp.shifts, threads=knobs.fft_threads) if mine else None
         energy = np.zeros((d.C, d.P))
+        used = pixel_weights(d.L, inp.mask)
         progress = Progress(len(pending), "build", comm)
         for unit in padded_schedule(mine, comm):
             tile = None
@@ -303,7 +301,7 @@ def build_hypercube(path: str, norm_mode: str = "model", amp_mode: str = "sum", 
                 losvd = np.asarray(f[lay.LOSVD][s0:s1], dtype=np.float64)
                 kernels, _ = unit_kernels(losvd, inp.interp)                 # (s, C, K)
                 tile = compute_unit(conv, inp, kernels, s0, s1, c0, c1)
-                energy[c0:c1] += tile_energy(tile, inp.mask)
+                energy[c0:c1] += tile_energy(tile, used)
             try:
                 write_block(models, None if tile is None else (s0, c0, 0, 0), tile)
                 f.flush()                               # data on disk before its done bits
@@ -324,7 +322,7 @@ def build_hypercube(path: str, norm_mode: str = "model", amp_mode: str = "sum", 
                 continue
             (s0, s1), (c0, c1) = s_tiles[unit[0]], c_tiles[unit[1]]
             tile = read_block(models, (s0, c0, 0, 0), (s1 - s0, c1 - c0, d.P, d.L))
-            energy[c0:c1] += tile_energy(tile, inp.mask)
+            energy[c0:c1] += tile_energy(tile, used)
         col_energy = allreduce_sum(energy, comm)
         write_block(f[lay.COL_ENERGY], (0, 0) if comm.Get_rank() == 0 else None,
                     col_energy if comm.Get_rank() == 0 else None)
@@ -332,6 +330,8 @@ def build_hypercube(path: str, norm_mode: str = "model", amp_mode: str = "sum", 
         f[lay.COL_ENERGY].attrs["masked"] = inp.mask is not None
         all_done = bool(np.asarray(f[lay.DONE][...]).all())
         f[lay.HYPERCUBE].attrs["complete"] = all_done
+        if pending:
+            mark_models_changed(f, comm)
     seconds = time.perf_counter() - t_start
     _LOG.info("build %s: %d units built, %d skipped, complete=%s, %.1fs on %d ranks",
               path, len(pending), len(finished), all_done, seconds, comm.Get_size())

@@ -18,7 +18,7 @@ import numpy as np
 from . import layout as lay
 from .errors import InputError
 from .hdf5_manager import open_h5, read_block, write_block
-from .hypercube_builder import NORM_MODES, parse_compression, tile_energy
+from .hypercube_builder import NORM_MODES, mark_models_changed, parse_compression, pixel_weights, tile_energy
 from .parallel import allreduce_sum, block_range, get_comm, padded_schedule, tile_bounds
 
 _LOG = logging.getLogger("cubefit_mpi.build")
@@ -139,6 +139,7 @@ def convert_hypercube_norm(path: str, to_mode: str, recompute_energy: bool = Tru
         f.flush()
         f[lay.HYPERCUBE].attrs["norm.mode"] = to_mode
         del f[lay.HYPERCUBE].attrs["norm.converting_to"]
+        mark_models_changed(f, comm)
         del f[CONVERT_DONE]
     energy = recompute_col_energy(path, comm=comm) if recompute_energy else None
     _LOG.info("convert-norm %s: %s -> %s over %d S-tiles", path, current, to_mode, len(tiles))
@@ -165,13 +166,14 @@ def recompute_col_energy(path: str, *, weighted: bool = False, comm=None) -> np.
                 raise InputError(f"{lay.LAMBDA_WEIGHTS}: expected shape ({models.shape[3]},), got {weights.shape}")
         tiles = _s_tiles(models)
         S, C, P, L = models.shape
+        used = pixel_weights(L, mask, weights)
         energy = np.zeros((C, P))
         for ti in padded_schedule(_my_tiles(tiles, comm), comm):
             if ti is None:
                 read_block(models, None, None)
                 continue
             s0, s1 = tiles[ti]
-            energy += tile_energy(read_block(models, (s0, 0, 0, 0), (s1 - s0, C, P, L)), mask, weights)
+            energy += tile_energy(read_block(models, (s0, 0, 0, 0), (s1 - s0, C, P, L)), used)
         energy = allreduce_sum(energy, comm)
     with open_h5(path, "r+", comm) as f:
         if lay.COL_ENERGY not in f:

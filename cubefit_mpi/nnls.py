@@ -468,18 +468,32 @@ def kkt_certificate(gram, rhs, x, *, tol=1e-8, chi2_scale=None) -> KKTCertificat
     x = np.asarray(x, dtype=np.float64)
     if x.shape != rhs.shape:
         raise ValueError(f"x must have shape {rhs.shape}, got {x.shape}")
-    diag = gram.diagonal()
+    return kkt_from_gradient(gram @ x - rhs, gram.diagonal(), x, rhs, tol=tol, chi2_scale=chi2_scale)
+
+
+def kkt_from_gradient(gradient, diag, x, rhs, *, tol=1e-8, chi2_scale=None) -> KKTCertificate:
+    """The certificate of :func:`kkt_certificate` from ``g = Gx - b`` and ``diag(G)``.  Local.
+
+    For callers that hold only some columns of G (the working-set solver): ``x^T G x`` is
+    ``x . (g + b)``.
+
+    Parameters
+    ----------
+    gradient : (N,) float64, ``G x - b``
+    diag : (N,) float64, ``diag(G)``
+    x, rhs : (N,) float64
+    """
+    gradient = np.asarray(gradient, dtype=np.float64)
+    diag = np.asarray(diag, dtype=np.float64)
     free = ~_zero_column_mask(diag)
-    gram_x = gram @ x
-    gradient = gram_x - rhs
     scaled = np.zeros_like(gradient)
     scaled[free] = gradient[free] / np.sqrt(diag[free])
     primal_min = float(np.min(x))
     dual_min = float(np.min(scaled))
     positive = x > 0
     passive_stationarity = float(np.max(np.abs(scaled[positive]))) if positive.any() else 0.0
-    curvature = float(x @ gram_x)
     linear = float(rhs @ x)
+    curvature = float(x @ gradient) + linear
     if chi2_scale is None:
         chi2_scale = max(curvature, abs(linear))
     complementarity = abs(float(x @ gradient)) / max(float(chi2_scale), _TINY)

@@ -1,0 +1,292 @@
+"""The exact global solve: min ½‖W^½(y − A x)‖² (+ quadratic terms), x ≥ 0, to a KKT certificate.
+
+1. One streaming pass forms G = AᵀWA, b = AᵀWy, yᵀWy (float64) per rank, reduced to rank 0,
+   and cached under ``/Solve`` with provenance attributes (a stale cache is detected and rebuilt).
+2. Rank 0 adds the optional quadratic terms (ridge, smoothness, orbit weights) and runs the
+   active-set NNLS on (G, b); x is broadcast.
+3. The certificate is computed independently of the solver; χ² is recomputed by a separate
+   residual pass over the hypercube and compared with yᵀWy − 2bᵀx + xᵀGx.
+
+When the N×N Gram matrix does not fit (``CUBEFIT_GRAM_MAX_BYTES``, default from the node's
+memory and the ranks on it), the working-set method (:mod:`.working_set`) is used instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import numpy as np
+
+from .. import layout as lay
+from ..errors import InputError
+from ..hdf5_manager import open_h5, write_block
+from ..knobs import get_knobs
+from ..nnls import kkt_certificate, kkt_from_gradient, nnls_gram
+from ..parallel import bcast_array, get_comm, mpi
+from ..regularization import Regularization
+from .gram import SolveInputs, load_solve_inputs, normal_equations, residual_chi2
+
+_LOG = logging.getLogger("cubefit_mpi.solve")
+GRAM = "/Solve/gram"
+RHS = "/Solve/rhs"
+ORBIT_WEIGHTS = "/Solve/orbit_weights"
+COMPONENT_TOTALS = "/Solve/component_totals"
+KKT_TOL = 1e-8
+CHI2_RTOL = 1e-9
+
+
+def gram_budget_bytes(comm) -> int:
+    """Bytes one rank may spend on an N×N Gram matrix.  Collective over comm.
+
+    ``CUBEFIT_GRAM_MAX_BYTES`` when set; else 40 % of the node's memory divided by the ranks on
+    the node (every rank holds a partial G while accumulating).
+    """
+    given = get_knobs().gram_max_bytes
+    if given > 0:
+        return given
+    node = comm.Split_type(mpi().COMM_TYPE_SHARED)
+    ranks_on_node = node.Get_size()
+    node.Free()
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 * 2**30
+    return int(0.4 * total / max(ranks_on_node, 1))
+
+
+def parse_orbit_weights(spec, n_comp: int, path: str | None = None) -> np.ndarray | None:
+    """Orbit-weight targets (C,) from an array, a dataset of ``path`` ("/..."), a .npy/.txt file or
+    "a,b,c"; normalised to sum 1.  Local.  Raises :class:`InputError` on a wrong length or sign."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec.startswith("/"):
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                if spec not in f:
+                    raise InputError(f"--orbit-weights {spec}: no such dataset in {path}")
+                values = np.asarray(f[spec][...], dtype=np.float64).ravel()
+        elif os.path.exists(spec):
+            values = np.load(spec).ravel() if spec.endswith(".npy") else np.loadtxt(spec).ravel()
+        else:
+            try:
+                values = np.array([float(v) for v in spec.split(",")])
+            except ValueError:
+                raise InputError(f"--orbit-weights {spec}: expected a dataset (/...), a .npy/.txt file or "
+                                 f"comma-separated numbers") from None
+    else:
+        values = np.asarray(spec, dtype=np.float64).ravel()
+    if values.size != n_comp:
+        raise InputError(f"--orbit-weights: expected {n_comp} values (one per component), got {values.size}")
+    if not np.all(np.isfinite(values)) or np.any(values < 0) or values.sum() <= 0:
+        raise InputError("--orbit-weights: expected finite non-negative values with a positive sum")
+    return values / values.sum()
+
+
+def _cache_matches(f, provenance: dict) -> bool:
+    if GRAM not in f or RHS not in f:
+        return False
+    attrs = f[GRAM].attrs
+    return all(str(attrs.get(k, "")) == str(v) for k, v in provenance.items()) and bool(attrs.get("complete", False))
+
+
+def gram_system(inputs: SolveInputs, *, use_cache: bool = True, comm=None) -> dict:
+    """(G on rank 0, b, yᵀWy, diag) from the cache when current, else one pass (then cached).  Collective."""
+    comm = get_comm(comm)
+    cached = None
+    with open_h5(inputs.path, "r", comm) as f:
+        if use_cache and _cache_matches(f, inputs.provenance):
+            rhs = np.asarray(f[RHS][...])
+            yy = float(f[GRAM].attrs["yy"])
+            gram = np.asarray(f[GRAM][...]) if comm.Get_rank() == 0 else None
+            cached = {"gram": gram, "rhs": rhs, "yy": yy, "pass_seconds": 0.0, "reduce_seconds": 0.0,
+                      "from_cache": True}
+    if cached is not None:
+        cached["diag"] = comm.bcast(cached["gram"].diagonal().copy() if comm.Get_rank() == 0 else None)
+        _LOG.info("Gram matrix from the cache in %s (no pass over the hypercube)", inputs.path)
+        return cached
+    system = normal_equations(inputs, comm)
+    system["from_cache"] = False
+    n = inputs.n_params
+    with open_h5(inputs.path, "r+", comm) as f:
+        for name, shape in ((GRAM, (n, n)), (RHS, (n,))):
+            if name in f:
+                del f[name]
+            f.create_dataset(name, shape=shape, dtype="f8")
+        root = comm.Get_rank() == 0
+        write_block(f[GRAM], (0, 0) if root else None, system["gram"] if root else None)
+        write_block(f[RHS], (0,) if root else None, system["rhs"] if root else None)
+        for key, value in inputs.provenance.items():
+            f[GRAM].attrs[key] = value
+        f[GRAM].attrs["yy"] = system["yy"]
+        f[GRAM].attrs["complete"] = True
+    return system
+
+
+def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, regul_order: int = 2,
+                orbit_weights=None, orbit_strength: float = 0.0, use_cache: bool = True, verify: bool = True,
+                use_weights: bool = True, tol: float = 1e-10, exact_method: str = "auto", comm=None
+                ) -> tuple[np.ndarray, dict]:
+    """Solve for ``/X_global`` exactly.  Collective over comm.
+
+    Parameters
+    ----------
+    path : str
+    ridge : float, optional  ρ of ½ρ‖x‖² (default ``CUBEFIT_NNLS_L2``)
+    regul : float  λ of the smoothness term over the population grid (``/Templates`` attr ``pop_shape``)
+    regul_order : {1, 2}  first or second differences
+    orbit_weights : (C,) array, dataset name, file or "a,b,c"; targets of the component totals
+    orbit_strength : float  μ of ½μ Σ_c (Σ_p x_cp − t_c Σ x)²
+    use_cache : bool  reuse a current ``/Solve`` Gram matrix
+    verify : bool  recompute χ² by a separate residual pass (one more read of the hypercube)
+    exact_method : {"auto", "gram", "working-set"}
+
+    Returns
+    -------
+    x : (C·P,) float64, row-major over (C, P)
+    stats : dict (χ², certificate, sizes, timings)
+    """
+    comm = get_comm(comm)
+    t0 = time.perf_counter()
+    knobs = get_knobs()
+    ridge = knobs.nnls_l2 if ridge is None else float(ridge)
+    if ridge < 0 or regul < 0 or orbit_strength < 0:
+        raise InputError("--ridge/--regul/--orbit-strength: expected values >= 0")
+    if regul_order not in (1, 2):
+        raise InputError(f"--regul-order {regul_order}: expected 1 or 2")
+    inputs = load_solve_inputs(path, use_weights=use_weights, comm=comm)
+    C, P, n = inputs.C, inputs.P, inputs.n_params
+    targets = parse_orbit_weights(orbit_weights, C, path)
+    pop_shape = _pop_shape(path, P, comm)
+    reg = Regularization.build(C, P, ridge=ridge, regul=regul, regul_order=regul_order, pop_shape=pop_shape,
+                               orbit_targets=targets, orbit_strength=orbit_strength)
+    if inputs.weights is not None and comm.Get_rank() == 0:
+        from ..lambda_weights import weights_banner
+
+        _LOG.info(weights_banner(inputs.weights, inputs.mask))
+    budget = gram_budget_bytes(comm)
+    method = exact_method
+    if method == "auto":
+        method = "gram" if n * n * 8 <= budget else "working-set"
+    if method not in ("gram", "working-set"):
+        raise InputError(f"--exact-method {method}: expected auto, gram or working-set")
+    _LOG.info("exact solve of N=%d (C=%d, P=%d) by the %s method on %d rank(s)", n, C, P, method,
+              comm.Get_size())
+    if method == "gram":
+        system = gram_system(inputs, use_cache=use_cache, comm=comm)
+        t_solve = time.perf_counter()
+        x, info = _solve_on_root(system, reg, tol, comm)
+        info.update(passes=0 if system["from_cache"] else 1, from_cache=system["from_cache"],
+                    pass_seconds=system["pass_seconds"], reduce_seconds=system["reduce_seconds"],
+                    solve_seconds=time.perf_counter() - t_solve)
+    else:
+        from .working_set import solve_working_set
+
+        x, info = solve_working_set(inputs, reg, budget=budget, tol=tol, comm=comm)
+    stats = dict(info)
+    stats.update(method=f"exact-{method}", n_params=n, n_ranks=comm.Get_size(), ridge=ridge, regul=regul,
+                 regul_order=regul_order, orbit_strength=orbit_strength)
+    if verify:
+        t_v = time.perf_counter()
+        chi2 = residual_chi2(inputs, x, comm)
+        stats["chi2"] = chi2
+        stats["chi2_rel_diff"] = abs(chi2 - stats["chi2_formula"]) / max(chi2, 1e-300)
+        stats["chi2_consistent"] = bool(abs(chi2 - stats["chi2_formula"]) <=
+                                        CHI2_RTOL * chi2 + 1e-13 * stats["yy"])
+        stats["verify_seconds"] = time.perf_counter() - t_v
+    else:
+        stats["chi2"] = stats["chi2_formula"]
+    stats["component_totals"] = x.reshape(C, P).sum(axis=1)
+    stats["seconds"] = time.perf_counter() - t0
+    _write_solution(path, x, stats, targets, comm)
+    _log_summary(stats)
+    return x, stats
+
+
+def _pop_shape(path: str, n_pop: int, comm):
+    with open_h5(path, "r", comm) as f:
+        if lay.TEMPLATES in f and "pop_shape" in f[lay.TEMPLATES].attrs:
+            shape = tuple(int(v) for v in f[lay.TEMPLATES].attrs["pop_shape"])
+            if int(np.prod(shape)) == n_pop:
+                return shape
+    return (n_pop,)
+
+
+def certify(gram: np.ndarray, rhs: np.ndarray, x: np.ndarray, tol: float = KKT_TOL, *, gradient=None):
+    """KKT certificate, scale-free: the gradient tests use ``tol × max_j |b_j| / √G_jj``, the
+    complementarity ratio ``|xᵀg| / max(xᵀGx, |bᵀx|)`` uses ``tol``.  Local.
+
+    ``gradient`` (= Gx − b) may be given with ``gram`` as the diagonal only (working-set solver).
+    """
+    diag = gram if gram.ndim == 1 else gram.diagonal()
+    live = diag > 0
+    scale = float(np.max(np.abs(rhs[live]) / np.sqrt(diag[live]), initial=0.0))
+    if gradient is None:
+        cert = kkt_certificate(gram, rhs, x, tol=tol * max(scale, 1e-300))
+    else:
+        cert = kkt_from_gradient(gradient, diag, x, rhs, tol=tol * max(scale, 1e-300))
+    ok = (cert.primal_min >= 0.0 and cert.dual_min >= -cert.tol and cert.passive_stationarity <= cert.tol
+          and cert.complementarity <= tol)
+    return dataclasses.replace(cert, ok=bool(ok))
+
+
+def _solve_on_root(system: dict, reg: Regularization, tol: float, comm) -> tuple[np.ndarray, dict]:
+    """Rank 0 solves the (regularised) system; x and the summary are broadcast.  Collective."""
+    info = None
+    x = None
+    if comm.Get_rank() == 0:
+        gram, rhs = system["gram"], system["rhs"]
+        total = gram + reg.dense() if reg.active else gram
+        result = nnls_gram(total, rhs, tol=tol)
+        x = result.x
+        cert = certify(total, rhs, x)
+        curvature = float(x @ (gram @ x))
+        info = {"iterations": result.iterations, "converged": result.converged, "active_set": result.passive_size,
+                "message": result.message, "yy": system["yy"],
+                "chi2_formula": system["yy"] - 2.0 * float(system["rhs"] @ x) + curvature,
+                "objective": cert.objective + 0.5 * system["yy"], **_cert_dict(cert)}
+    x = bcast_array(x, comm)
+    info = comm.bcast(info, root=0)
+    return x, info
+
+
+def _cert_dict(cert) -> dict:
+    return {"kkt.ok": cert.ok, "kkt.primal_min": cert.primal_min, "kkt.dual_min": cert.dual_min,
+            "kkt.passive_stationarity": cert.passive_stationarity, "kkt.complementarity": cert.complementarity,
+            "kkt.tol": cert.tol}
+
+
+def _write_solution(path: str, x: np.ndarray, stats: dict, targets, comm) -> None:
+    """``/X_global``, ``/Solve`` attributes, component totals (and orbit targets).  Collective."""
+    root = comm.Get_rank() == 0
+    with open_h5(path, "r+", comm) as f:
+        items = [(lay.X_GLOBAL, x), (COMPONENT_TOTALS, stats["component_totals"])]
+        if targets is not None:
+            items.append((ORBIT_WEIGHTS, targets))
+        for name, values in items:
+            if name in f and f[name].shape != values.shape:
+                del f[name]
+            if name not in f:
+                f.create_dataset(name, shape=values.shape, dtype="f8")
+            write_block(f[name], (0,) if root else None, values if root else None)
+        group = f.require_group(lay.SOLVE)
+        for key, value in stats.items():
+            if isinstance(value, (bool, np.bool_, int, float, str, np.integer, np.floating)):
+                group.attrs[key] = value
+        group.attrs["solved_at"] = comm.bcast(time.strftime("%Y-%m-%dT%H:%M:%S") if root else None)
+        f[lay.X_GLOBAL].attrs["method"] = "exact"
+        f[lay.X_GLOBAL].attrs["chi2"] = stats["chi2"]
+        f[lay.X_GLOBAL].attrs["layout"] = "row-major (C, P)"
+
+
+def _log_summary(stats: dict) -> None:
+    _LOG.info("chi2=%.10g (formula %.10g, rel diff %.2e), objective=%.10g, active set %d/%d, %d iterations",
+              stats["chi2"], stats["chi2_formula"], stats.get("chi2_rel_diff", 0.0), stats["objective"],
+              stats["active_set"], stats["n_params"], stats["iterations"])
+    _LOG.info("KKT certificate %s: primal_min=%.3g dual_min=%.3g (tol %.3g) passive=%.3g complementarity=%.3g",
+              "OK" if stats["kkt.ok"] else "NOT MET", stats["kkt.primal_min"], stats["kkt.dual_min"],
+              stats["kkt.tol"], stats["kkt.passive_stationarity"], stats["kkt.complementarity"])
+    _LOG.info("component totals: %s", np.array2string(np.asarray(stats["component_totals"]), precision=6))
