@@ -1,18 +1,34 @@
 #!/usr/bin/env bash
-# The main job on the built-in synthetic galaxy, under mpiexec -n NP.
+# The main job on the built-in synthetic galaxy, under mpiexec -n NP:
+# mock -> build -> weights -> solve (exact) -> recon -> plots, then status.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FILE=${1:-demo/galaxy.h5}
 NP=${2:-2}
 PY=.venv/bin/python
 RUN="mpiexec -n $NP $PY -m mpi4py -m cubefit_mpi"
+OUT="$(dirname "$FILE")/plots"
 mkdir -p "$(dirname "$FILE")"
 echo "== 1. synthetic galaxy (mock) on $NP ranks"
 $RUN mock "$FILE" --spaxels 900 --components 3 --populations 24 --wavelengths 800 --seed 1 --noise 60 --masked-pixels 12
-echo "== 2. hypercube build on $NP ranks (resumable; rerunning it is a no-op)"
+echo "== 2. hypercube build (resumable; rerunning it is a no-op)"
 $RUN build "$FILE" --norm model
 $RUN done "$FILE"
+echo "== 3. lambda-weights"
+$RUN weights "$FILE"
+echo "== 4. exact solve (Gram matrix + active-set NNLS, KKT certificate)"
+$RUN solve "$FILE"
+echo "== 5. reconstruction and plots"
+$RUN recon "$FILE"
+$RUN plot "$FILE" --out "$OUT"
 echo "== status"
 $PY -m cubefit_mpi status "$FILE"
+$PY - "$FILE" <<'PYEOF'
+import sys, h5py, numpy as np
+with h5py.File(sys.argv[1], "r") as f:
+    x = f["/X_global"][...].reshape(f["/Truth/x"].shape)
+    t = f["/Truth/x"][...]
+    print(f"component totals fit {np.round(x.sum(1), 4)}  truth {np.round(t.sum(1), 4)}")
+PYEOF
 echo
-echo "demo done: results in $FILE"
+echo "demo done: results in $FILE (/HyperCube/models, /X_global, /Solve, /ReconCube), plots in $OUT/"
