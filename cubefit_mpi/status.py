@@ -59,8 +59,11 @@ def file_status(path: str) -> list[tuple[str, str]]:
 
 def _hypercube_rows(f) -> list[tuple[str, str]]:
     rows = []
+    if lay.LAMBDA_WEIGHTS in f:
+        w = np.asarray(f[lay.LAMBDA_WEIGHTS][...])
+        rows.append((lay.LAMBDA_WEIGHTS, f"min {w.min():.3g} max {w.max():.3g} mean {w.mean():.3g}"))
     if lay.MODELS not in f:
-        return [(lay.MODELS, "missing (run `cubefit_mpi build`)")]
+        return rows + [(lay.MODELS, "missing (run `cubefit_mpi build`)")]
     models = f[lay.MODELS]
     hc = f[lay.HYPERCUBE].attrs
     rows.append((lay.MODELS, f"{_fmt_shape(models)}, chunks {models.chunks}, "
@@ -72,9 +75,6 @@ def _hypercube_rows(f) -> list[tuple[str, str]]:
     for key in ("norm.mode", "amp.mode", "rebin.mode"):
         if key in hc:
             rows.append((key, str(hc[key])))
-    if lay.LAMBDA_WEIGHTS in f:
-        w = np.asarray(f[lay.LAMBDA_WEIGHTS][...])
-        rows.append((lay.LAMBDA_WEIGHTS, f"min {w.min():.3g} max {w.max():.3g} mean {w.mean():.3g}"))
     return rows
 
 

@@ -21,7 +21,6 @@ from ..hdf5_manager import open_h5, read_block
 from ..parallel import allreduce_sum, block_range, get_comm, mpi, padded_schedule, reduce_sum, tile_bounds
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
-BATCH_BYTES = 64 * 2**20          # float64 design rows held at once per rank
 
 
 @dataclass
@@ -118,16 +117,17 @@ def _my_tiles(inputs: SolveInputs, comm) -> list:
 
 
 def iter_design_blocks(inputs: SolveInputs, comm, *, need_data: bool = True):
-    """Yield this rank's weighted design blocks ``(B (N, rows), z (rows,))``.  Collective over comm.
+    """Yield this rank's weighted design blocks ``(B (N, L_used), z (L_used,))``, one per spaxel.
 
-    ``B`` holds √w · A for a batch of spaxels (columns = (c, p) row-major, rows = (s, λ_used)),
-    float64; ``z`` the matching √w · y.  Every rank makes the same number of collective reads:
-    iterate the generator to the end on every rank.
+    ``B[(c, p), λ] = √w_λ A[s, c, p, λ]`` over the unmasked pixels, float64, C-contiguous (a view
+    into a buffer reused for the next spaxel); ``z = √w y_s``.  Collective over comm: every rank
+    makes the same number of collective reads, so iterate the generator to the end on every rank.
     """
     sqrt_w = inputs.sqrt_w
-    n_used = int(inputs.mask.sum())
-    per_spaxel = inputs.n_params * n_used * 8
-    batch = max(1, BATCH_BYTES // max(per_spaxel, 1))
+    used = np.flatnonzero(inputs.mask)
+    all_used = used.size == inputs.L
+    n = inputs.n_params
+    buf = np.empty((n, used.size))
     with open_h5(inputs.path, "r", comm) as f:
         models, data = f[lay.MODELS], f[lay.DATACUBE]
         for tile in padded_schedule(_my_tiles(inputs, comm), comm):
@@ -139,15 +139,10 @@ def iter_design_blocks(inputs: SolveInputs, comm, *, need_data: bool = True):
             s0, s1 = tile
             a_tile = read_block(models, (s0, 0, 0, 0), (s1 - s0, inputs.C, inputs.P, inputs.L))
             y_tile = read_block(data, (s0, 0), (s1 - s0, inputs.L)) if need_data else None
-            for b0, b1 in tile_bounds(s1 - s0, batch):
-                sub = a_tile[b0:b1][..., inputs.mask].astype(np.float64)          # (ns, C, P, Lu)
-                sub *= sqrt_w
-                design = np.ascontiguousarray(sub.reshape(b1 - b0, inputs.n_params, n_used).transpose(1, 0, 2)
-                                              ).reshape(inputs.n_params, -1)
-                target = None
-                if need_data:
-                    target = (y_tile[b0:b1][:, inputs.mask] * sqrt_w).reshape(-1)
-                yield design, target
+            for i in range(s1 - s0):
+                a_s = a_tile[i].reshape(n, inputs.L)
+                np.multiply(a_s if all_used else a_s[:, used], sqrt_w, out=buf)
+                yield buf, (y_tile[i, used] * sqrt_w if need_data else None)
 
 
 def _syrk_update(gram: np.ndarray, design: np.ndarray) -> None:
