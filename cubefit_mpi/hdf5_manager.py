@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from .knobs import get_knobs
 from .layout import H5Dims
 from .parallel import get_comm, raise_if_any, block_range
 from .rebin import REBIN_MODES, rebin_operator
+
+if TYPE_CHECKING:
+    import h5py
 
 _LOG = logging.getLogger("cubefit_mpi.io")
 _ABANDONED: list = []                 # files left open on purpose after a WriteFailure

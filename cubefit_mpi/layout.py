@@ -32,6 +32,11 @@ X_GLOBAL = "/X_global"              # (C*P,) row-major over (C, P)
 TRUTH = "/Truth"                    # synthetic galaxies: x_true and generating parameters
 TRUTH_X = "/Truth/x"                # (C, P)
 SPAXEL_XY = "/Spaxels/xy"           # (S, 2) spaxel coordinates (arcsec), when known
+DATA_VAR = "/DataVar"                       # (S, L) float64 variance of /DataCube (ingest)
+SPAXELS_YX = "/Spaxels/yx"                  # (S, 2) int64 (y, x) of each spectrum (unbinned)
+SPAXELS_BIN_MAP = "/Spaxels/bin_map"        # (ny, nx) int64 bin id used per spaxel (binned), -1 unused
+SPAXELS_N_MEMBERS = "/Spaxels/n_members"    # (S,) int64 spaxels combined into each spectrum
+SPAXELS_DROPPED = "/Spaxels/dropped_yx"     # (n, 2) int64 spaxels left out: no usable value
 SOLVE = "/Solve"                    # exact solver cache & certificate
 
 SPEED_OF_LIGHT_KMS = 299792.458
