@@ -27,7 +27,7 @@ from .errors import InputError, WriteFailure
 from .hdf5_manager import open_h5, read_block, write_block
 from .kernels import AMP_MODES, interpolation_matrix, losvd_amplitude, unit_kernels
 from .knobs import get_knobs
-from .parallel import (Progress, allreduce_sum, block_range, get_comm, padded_schedule, raise_if_any,
+from .parallel import (PhaseTimer, Progress, allreduce_sum, block_range, get_comm, padded_schedule, raise_if_any,
                        tile_bounds)
 from .validation import validate_inputs
 
@@ -294,24 +294,29 @@ def build_hypercube(path: str, norm_mode: str = "model", amp_mode: str = "sum", 
         energy = np.zeros((d.C, d.P))
         used = pixel_weights(d.L, inp.mask)
         progress = Progress(len(pending), "build", comm)
+        timer = PhaseTimer()
         for unit in padded_schedule(mine, comm):
             tile = None
             if unit is not None:
                 (s0, s1), (c0, c1) = s_tiles[unit[0]], c_tiles[unit[1]]
-                losvd = np.asarray(f[lay.LOSVD][s0:s1], dtype=np.float64)
-                kernels, _ = unit_kernels(losvd, inp.interp)                 # (s, C, K)
-                tile = compute_unit(conv, inp, kernels, s0, s1, c0, c1)
-                energy[c0:c1] += tile_energy(tile, used)
+                with timer.phase("io"):
+                    losvd = np.asarray(f[lay.LOSVD][s0:s1], dtype=np.float64)
+                with timer.phase("compute"):
+                    kernels, _ = unit_kernels(losvd, inp.interp)                 # (s, C, K)
+                    tile = compute_unit(conv, inp, kernels, s0, s1, c0, c1)
+                    energy[c0:c1] += tile_energy(tile, used)
             try:
-                write_block(models, None if tile is None else (s0, c0, 0, 0), tile)
-                f.flush()                               # data on disk before its done bits
-                bits = None if unit is None else np.ones((1, 1, grid[2]), dtype=np.uint8)
-                write_block(done_dset, None if unit is None else (unit[0], unit[1], 0), bits)
+                with timer.phase("io"):
+                    write_block(models, None if tile is None else (s0, c0, 0, 0), tile)
+                    f.flush()                           # data on disk before its done bits
+                    bits = None if unit is None else np.ones((1, 1, grid[2]), dtype=np.uint8)
+                    write_block(done_dset, None if unit is None else (unit[0], unit[1], 0), bits)
             except (OSError, RuntimeError) as exc:
                 raise WriteFailure(f"{path}: writing {lay.MODELS} failed ({str(exc).splitlines()[0]}); "
-                                      f"is the disk full? Tiles already marked in {lay.DONE} are valid: "
-                                      f"rerun `cubefit_mpi build {path}` to resume") from exc
-            n_done = progress.update(0 if unit is None else 1)
+                                   f"is the disk full? Tiles already marked in {lay.DONE} are valid: "
+                                   f"rerun `cubefit_mpi build {path}` to resume") from exc
+            with timer.phase("comm"):
+                n_done = progress.update(0 if unit is None else 1)
             _LOG.debug("build round: %d/%d units written", n_done, len(pending))
         f.flush()
         # energy of the units built by earlier runs: read back from the stored tiles
@@ -323,7 +328,8 @@ def build_hypercube(path: str, norm_mode: str = "model", amp_mode: str = "sum", 
             (s0, s1), (c0, c1) = s_tiles[unit[0]], c_tiles[unit[1]]
             tile = read_block(models, (s0, c0, 0, 0), (s1 - s0, c1 - c0, d.P, d.L))
             energy[c0:c1] += tile_energy(tile, used)
-        col_energy = allreduce_sum(energy, comm)
+        with timer.phase("comm"):
+            col_energy = allreduce_sum(energy, comm)
         write_block(f[lay.COL_ENERGY], (0, 0) if comm.Get_rank() == 0 else None,
                     col_energy if comm.Get_rank() == 0 else None)
         f[lay.COL_ENERGY].attrs["weighted"] = False
@@ -336,7 +342,8 @@ def build_hypercube(path: str, norm_mode: str = "model", amp_mode: str = "sum", 
     _LOG.info("build %s: %d units built, %d skipped, complete=%s, %.1fs on %d ranks",
               path, len(pending), len(finished), all_done, seconds, comm.Get_size())
     return {"units_total": len(units), "units_built": len(pending), "units_skipped": len(finished),
-            "seconds": seconds, "chunks": chunks, "complete": all_done}
+            "seconds": seconds, "chunks": chunks, "complete": all_done, "phases": dict(timer.seconds),
+            "phases_by_rank": timer.by_rank(comm)}
 
 
 def _resolve_chunks(d, S_chunk, C_chunk, P_chunk) -> tuple[int, int, int]:

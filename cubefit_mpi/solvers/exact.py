@@ -181,7 +181,7 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
         x, info = _solve_on_root(system, reg, tol, comm)
         info.update(passes=0 if system["from_cache"] else 1, from_cache=system["from_cache"],
                     pass_seconds=system["pass_seconds"], reduce_seconds=system["reduce_seconds"],
-                    solve_seconds=time.perf_counter() - t_solve)
+                    solve_seconds=time.perf_counter() - t_solve, phases_by_rank=system.get("phases_by_rank", []))
     else:
         from .working_set import solve_working_set
 

@@ -18,7 +18,8 @@ from .. import layout as lay
 from ..digest import array_digest, rows_digest
 from ..errors import InputError
 from ..hdf5_manager import open_h5, read_block
-from ..parallel import allreduce_sum, block_range, get_comm, mpi, padded_schedule, reduce_sum, tile_bounds
+from ..parallel import (PhaseTimer, allreduce_sum, block_range, get_comm, mpi, padded_schedule, reduce_sum,
+                        tile_bounds)
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
 
@@ -116,13 +117,15 @@ def _my_tiles(inputs: SolveInputs, comm) -> list:
     return inputs.s_tiles[lo:hi]
 
 
-def iter_design_blocks(inputs: SolveInputs, comm, *, need_data: bool = True):
+def iter_design_blocks(inputs: SolveInputs, comm, *, need_data: bool = True, timer: PhaseTimer | None = None):
     """Yield this rank's weighted design blocks ``(B (N, L_used), z (L_used,))``, one per spaxel.
 
     ``B[(c, p), λ] = √w_λ A[s, c, p, λ]`` over the unmasked pixels, float64, C-contiguous (a view
     into a buffer reused for the next spaxel); ``z = √w y_s``.  Collective over comm: every rank
     makes the same number of collective reads, so iterate the generator to the end on every rank.
+    ``timer`` (optional) gets the reads as phase ``io``.
     """
+    timer = timer or PhaseTimer()
     sqrt_w = inputs.sqrt_w
     used = np.flatnonzero(inputs.mask)
     all_used = used.size == inputs.L
@@ -132,13 +135,15 @@ def iter_design_blocks(inputs: SolveInputs, comm, *, need_data: bool = True):
         models, data = f[lay.MODELS], f[lay.DATACUBE]
         for tile in padded_schedule(_my_tiles(inputs, comm), comm):
             if tile is None:
-                read_block(models, None, None)
-                if need_data:
-                    read_block(data, None, None)
+                with timer.phase("io"):
+                    read_block(models, None, None)
+                    if need_data:
+                        read_block(data, None, None)
                 continue
             s0, s1 = tile
-            a_tile = read_block(models, (s0, 0, 0, 0), (s1 - s0, inputs.C, inputs.P, inputs.L))
-            y_tile = read_block(data, (s0, 0), (s1 - s0, inputs.L)) if need_data else None
+            with timer.phase("io"):
+                a_tile = read_block(models, (s0, 0, 0, 0), (s1 - s0, inputs.C, inputs.P, inputs.L))
+                y_tile = read_block(data, (s0, 0), (s1 - s0, inputs.L)) if need_data else None
             for i in range(s1 - s0):
                 a_s = a_tile[i].reshape(n, inputs.L)
                 np.multiply(a_s if all_used else a_s[:, used], sqrt_w, out=buf)
@@ -176,20 +181,30 @@ def normal_equations(inputs: SolveInputs, comm=None) -> dict:
     gram = np.zeros((n, n), order="F")
     rhs = np.zeros(n)
     yy = 0.0
-    for design, target in iter_design_blocks(inputs, comm):
-        _syrk_update(gram, design)
-        rhs += design @ target
-        yy += float(target @ target)
+    timer = PhaseTimer()
+    blocks = iter_design_blocks(inputs, comm, timer=timer)
+    while True:
+        with timer.phase("compute"):            # includes the masking/scaling copy in the generator
+            item = next(blocks, None)
+            if item is None:
+                break
+            design, target = item
+            _syrk_update(gram, design)
+            rhs += design @ target
+            yy += float(target @ target)
+    timer.seconds["compute"] -= timer.seconds["io"]
     t_pass = time.perf_counter() - t0
-    rhs = allreduce_sum(rhs, comm)
-    yy = float(allreduce_sum(np.array([yy]), comm)[0])
-    gram = reduce_upper_to_root(gram, comm)
-    diag = None
-    if gram is not None:
-        diag = gram.diagonal().copy()
-    diag = comm.bcast(diag, root=0)
+    with timer.phase("comm"):
+        rhs = allreduce_sum(rhs, comm)
+        yy = float(allreduce_sum(np.array([yy]), comm)[0])
+        gram = reduce_upper_to_root(gram, comm)
+        diag = None
+        if gram is not None:
+            diag = gram.diagonal().copy()
+        diag = comm.bcast(diag, root=0)
     return {"gram": gram, "rhs": rhs, "yy": yy, "diag": diag, "pass_seconds": t_pass,
-            "reduce_seconds": time.perf_counter() - t0 - t_pass}
+            "reduce_seconds": time.perf_counter() - t0 - t_pass, "phases": dict(timer.seconds),
+            "phases_by_rank": timer.by_rank(comm)}
 
 
 def diagonal_pass(inputs: SolveInputs, comm=None) -> dict:
