@@ -43,3 +43,16 @@ def test_mock_cli_identical_at_1_2_3_ranks(tmp_path):
             ref = a[name][...]
             assert np.array_equal(ref, b[name][...], equal_nan=True), name
             assert np.array_equal(ref, c[name][...], equal_nan=True), name
+
+
+def test_build_identical_at_1_and_4_ranks(tmp_path):
+    args = ["--spaxels", 30, "--populations", 5, "--wavelengths", 100, "--seed", 4]
+    assert run_cli("mock", tmp_path / "a.h5", *args).returncode == 0
+    import shutil
+    shutil.copy(tmp_path / "a.h5", tmp_path / "b.h5")
+    assert run_cli("build", tmp_path / "a.h5", "--chunks", "3,1,5").returncode == 0
+    res = run_cli("build", tmp_path / "b.h5", "--chunks", "3,1,5", np_ranks=4)
+    assert res.returncode == 0, res.stderr
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
+        assert a["/HyperCube/models"][...].tobytes() == b["/HyperCube/models"][...].tobytes()
+        np.testing.assert_allclose(a["/HyperCube/col_energy"][...], b["/HyperCube/col_energy"][...], rtol=1e-12)
