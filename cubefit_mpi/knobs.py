@@ -6,7 +6,9 @@ exit 2) naming the variable and what was expected -- never a silent default.
 
 ``CUBEFIT_MP_CTX`` (the predecessor's multiprocessing start method) is accepted and ignored:
 MPI ranks replace the process pool.  ``OMP_NUM_THREADS`` & co. are left to the launcher;
-``CUBEFIT_BLAS_THREADS`` sets them for our own BLAS calls when given.
+``CUBEFIT_BLAS_THREADS`` sets them for our own BLAS calls when given.  The Slurm jobscripts'
+own variables (``CUBEFIT_FILE``, ``CUBEFIT_MOCK``, ..., ``CUBEFIT_<STEP>_ARGS``) are accepted
+and ignored.
 
 Local (no MPI).  Importing this module reads nothing; call :func:`get_knobs`.
 """
@@ -15,11 +17,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import KnobError
 
+# variables of the Slurm jobscripts (jobscripts/README.md): accepted and ignored here
+JOBSCRIPT_VARIABLES = frozenset({"CUBEFIT_FILE", "CUBEFIT_MOCK", "CUBEFIT_NORM", "CUBEFIT_METHOD", "CUBEFIT_OUT",
+                                 "CUBEFIT_STEPS", "CUBEFIT_THREADS", "CUBEFIT_RANKS", "CUBEFIT_REPEATS"})
+_JOBSCRIPT_ARGS = re.compile(r"CUBEFIT_[A-Z]+_ARGS$")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -108,6 +115,8 @@ class Knobs:
         environ = os.environ if environ is None else environ
         known = {f.metadata["env"]: f for f in dataclasses.fields(cls)}
         for name in environ:
+            if name in JOBSCRIPT_VARIABLES or _JOBSCRIPT_ARGS.match(name):
+                continue
             if name.startswith("CUBEFIT_") and name not in known:
                 close = difflib.get_close_matches(name, list(known), n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""

@@ -56,3 +56,10 @@ def test_frozen_and_table():
         k.bt_steps = 4
     names = [row[0] for row in knob_table()]
     assert set(SPEC_DEFAULTS) <= set(names)
+
+
+def test_jobscript_variables_are_not_knobs():
+    k = Knobs.from_env({"CUBEFIT_FILE": "g.h5", "CUBEFIT_MOCK": "10,2,3,100", "CUBEFIT_SOLVE_ARGS": "--ridge 1"})
+    assert k == Knobs.from_env({})
+    with pytest.raises(KnobError, match="CUBEFIT_FILES: unknown"):
+        Knobs.from_env({"CUBEFIT_FILES": "g.h5"})
