@@ -9,13 +9,17 @@ DEMO  ?= demo/galaxy.h5
 MPIEXEC ?= mpiexec
 PYTEST_FLAGS ?= -q -p no:cacheprovider
 
-.PHONY: setup demo test test-serial test-mpi bench clean
+.PHONY: setup demo demo-config test test-serial test-mpi clean
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	@bash scripts/demo.sh "$(DEMO)" "$(NP)"
+
+# the same pipeline driven by a configuration file (init-config -> run)
+demo-config: setup
+	@bash scripts/demo_config.sh demo/config_run "$(NP)"
 
 test: setup test-serial test-mpi
 
