@@ -32,6 +32,7 @@ test-mpi:
 	$(MPIEXEC) -n 3 $(PY) -m mpi4py -m pytest $(PYTEST_FLAGS) --with-mpi tests/mpi
 
 include mk/hpc.mk
+include mk/docs.mk
 
 clean:
 	rm -rf demo/ .pytest_cache build *.egg-info

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # stage modules that add sub-commands: each has register(sub), setting handler=fn(args, comm) -> int
-CLI_MODULES = ("cli_ingest", "cli_build", "cli_weights", "cli_solve", "cli_recon", "cli_pipeline")
+CLI_MODULES = ("cli_ingest", "cli_build", "cli_weights", "cli_solve", "cli_recon", "cli_pipeline", "cli_scaling")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -214,12 +214,18 @@ def test_scaling_job_times_build_at_1_and_2_ranks(slurm, tmp_path):
     available = _available_commands()
     h5, csv = tmp_path / "scal.h5", tmp_path / "scaling.csv"
     job_env = {"CUBEFIT_FILE": str(h5), "CUBEFIT_MOCK": "80,2,4,120", "CUBEFIT_RANKS": "1 2",
-               "CUBEFIT_OUT": str(csv)}
+               "CUBEFIT_OUT": str(csv) if "scaling" not in available else str(tmp_path / "study"),
+               "CUBEFIT_REPEATS": "1"}
     rc, seconds, log = _sbatch(slurm, "scaling.sbatch", tmp_path / "scaling.log", job_env,
-                               "--ntasks=2", limit=180)
+                               "--ntasks=2", limit=300)
     assert rc == 0, log[-3000:]
     if "scaling" in available:
         assert re.search(rf"^{STAMP} step scaling: done in \d+ s$", log, flags=re.M)
+        rows = (tmp_path / "study" / "scaling.csv").read_text().splitlines()
+        header = rows[0].split(",")
+        ranks = sorted({line.split(",")[header.index("ranks")] for line in rows[1:]})
+        assert ranks == ["1", "2"]
+        assert any(p.suffix == ".png" for p in (tmp_path / "study").iterdir())
         return
     assert "step scaling not available in this version" in log
     lines = csv.read_text().splitlines()
