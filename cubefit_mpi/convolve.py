@@ -52,9 +52,8 @@ class FFTConvolver:
     """Convolve a fixed set of spectra with one kernel at a time, by FFT (pyFFTW).
 
     The spectra's FFTs are computed once; each :meth:`convolve` transforms the kernel, multiplies
-    and runs ONE batched inverse FFT over all spectra with a plan made once.  Spectra are stored
-    as columns (pixel-major), so the cropped result is a contiguous ``(T, P)`` block that the
-    sparse rebin consumes without a copy.  Plans use ``FFTW_ESTIMATE`` so every process picks
+    and runs ONE batched inverse FFT over all spectra with a plan made once (spectra as rows:
+    FFTW is about twice as fast on contiguous rows as on strided columns).  Plans use ``FFTW_ESTIMATE`` so every process picks
     the same algorithm: for the same kernel the output bytes do not depend on the process, the
     rank count or the call order.
 
@@ -84,21 +83,21 @@ class FFTConvolver:
         self.nfft = int(pyfftw.next_fast_len(self.n_pix + span - 1))
         n_freq = self.nfft // 2 + 1
         flags = ("FFTW_ESTIMATE",)
-        padded = pyfftw.empty_aligned((self.nfft, self.n_spec), dtype="float64")
-        padded[:self.n_pix] = spectra.T
-        padded[self.n_pix:] = 0.0
-        self.spec_fft = pyfftw.empty_aligned((n_freq, self.n_spec), dtype="complex128")
-        pyfftw.FFTW(padded, self.spec_fft, axes=(0,), flags=flags, threads=threads).execute()
+        padded = pyfftw.empty_aligned((self.n_spec, self.nfft), dtype="float64")
+        padded[:, :self.n_pix] = spectra
+        padded[:, self.n_pix:] = 0.0
+        self.spec_fft = pyfftw.empty_aligned((self.n_spec, n_freq), dtype="complex128")
+        pyfftw.FFTW(padded, self.spec_fft, axes=(-1,), flags=flags, threads=threads).execute()
         self._kernel = pyfftw.empty_aligned(self.nfft, dtype="float64")
         self._kernel_fft = pyfftw.empty_aligned(n_freq, dtype="complex128")
         self._forward = pyfftw.FFTW(self._kernel, self._kernel_fft, flags=flags, threads=1)
-        self._product = pyfftw.empty_aligned((n_freq, self.n_spec), dtype="complex128")
-        self._out = pyfftw.empty_aligned((self.nfft, self.n_spec), dtype="float64")
-        self._inverse = pyfftw.FFTW(self._product, self._out, axes=(0,), direction="FFTW_BACKWARD",
+        self._product = pyfftw.empty_aligned((self.n_spec, n_freq), dtype="complex128")
+        self._out = pyfftw.empty_aligned((self.n_spec, self.nfft), dtype="float64")
+        self._inverse = pyfftw.FFTW(self._product, self._out, axes=(-1,), direction="FFTW_BACKWARD",
                                     flags=flags + ("FFTW_DESTROY_INPUT",), threads=threads)
 
     def convolve(self, kernel: np.ndarray) -> np.ndarray:
-        """``out[i, p] = Σ_k kernel[k] spectra[p, i − shift_k]`` for all p.  Local.
+        """``out[p, i] = Σ_k kernel[k] spectra[p, i − shift_k]`` for all p.  Local.
 
         Parameters
         ----------
@@ -106,12 +105,12 @@ class FFTConvolver:
 
         Returns
         -------
-        (T, P) float64, a contiguous view into an internal buffer, valid until the next call.
+        (P, T) float64, a view into an internal buffer, valid until the next call.
         """
         k = np.asarray(kernel, dtype=np.float64)
         self._kernel[:] = 0.0
         self._kernel[self.tap_offset:self.tap_offset + k.size] = k * (1.0 / self.nfft)
         self._forward.execute()
-        np.multiply(self.spec_fft, self._kernel_fft[:, None], out=self._product)
+        np.multiply(self.spec_fft, self._kernel_fft[None, :], out=self._product)
         self._inverse.execute()
-        return self._out[self.lead:self.lead + self.n_pix]
+        return self._out[:, self.lead:self.lead + self.n_pix]

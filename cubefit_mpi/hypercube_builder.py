@@ -24,10 +24,10 @@ from . import layout as lay
 from .convolve import FFTConvolver
 from .digest import array_digest, rows_digest
 from .errors import InputError, WriteFailure
-from .hdf5_manager import open_h5, read_block, write_block
+from .hdf5_manager import open_h5, open_uncached, read_block, write_block
 from .kernels import AMP_MODES, interpolation_matrix, losvd_amplitude, unit_kernels
 from .knobs import get_knobs
-from .parallel import (PhaseTimer, Progress, allreduce_sum, block_range, get_comm, padded_schedule, raise_if_any,
+from .parallel import (PhaseTimer, Progress, agree, allreduce_sum, block_range, get_comm, padded_schedule, raise_if_any,
                        tile_bounds)
 from .validation import validate_inputs
 
@@ -210,11 +210,11 @@ def compute_unit(conv: FFTConvolver, inp: _Inputs, kernels: np.ndarray, s0: int,
             if scale == 0.0:
                 out[i, j] = 0.0
                 continue
-            on_template_grid = conv.convolve(kernels[i, c])                 # (T, P) contiguous
-            rebinned = inp.rebin_lt @ on_template_grid                       # (L, P)
-            np.maximum(rebinned, 0.0, out=rebinned)
-            rebinned *= scale
-            out[i, j] = rebinned.T
+            on_template_grid = conv.convolve(kernels[i, c])                 # (P, T)
+            rebinned = inp.rebin_lt @ on_template_grid.T                     # (L, P)
+            target = out[i, j]                                               # (P, L) float32
+            np.multiply(rebinned.T, scale, out=target, casting="same_kind")  # scale > 0: clip after
+            np.maximum(target, 0.0, out=target)
     return out
 
 
@@ -279,7 +279,7 @@ def build_hypercube(path: str, norm_mode: str = "model", amp_mode: str = "sum", 
     # no HDF5 metadata and a crash or a full disk mid-build cannot corrupt the file
     with open_h5(path, "r+", comm) as f:
         done = np.asarray(f[lay.DONE][...], dtype=bool)
-        models, done_dset = f[lay.MODELS], f[lay.DONE]
+        models, done_dset = open_uncached(f, lay.MODELS), f[lay.DONE]
         s_tiles = tile_bounds(d.S, chunks[0])
         c_tiles = tile_bounds(d.C, chunks[1])
         units = [(si, ci) for si in range(grid[0]) for ci in range(grid[1])]
@@ -295,7 +295,11 @@ def build_hypercube(path: str, norm_mode: str = "model", amp_mode: str = "sum", 
         used = pixel_weights(d.L, inp.mask)
         progress = Progress(len(pending), "build", comm)
         timer = PhaseTimer()
-        for unit in padded_schedule(mine, comm):
+        done_map = done.copy()                          # rank 0 keeps the bitmap it writes
+        unsynced: list = []                             # my units written since the last checkpoint
+        last_checkpoint = time.perf_counter()
+        schedule = padded_schedule(mine, comm)
+        for round_no, unit in enumerate(schedule):
             tile = None
             if unit is not None:
                 (s0, s1), (c0, c1) = s_tiles[unit[0]], c_tiles[unit[1]]
@@ -305,19 +309,31 @@ def build_hypercube(path: str, norm_mode: str = "model", amp_mode: str = "sum", 
                     kernels, _ = unit_kernels(losvd, inp.interp)                 # (s, C, K)
                     tile = compute_unit(conv, inp, kernels, s0, s1, c0, c1)
                     energy[c0:c1] += tile_energy(tile, used)
+                unsynced.append(unit)
+            with timer.phase("comm"):
+                n_done = progress.update(0 if unit is None else 1)
+                due = agree(time.perf_counter() - last_checkpoint >= knobs.build_checkpoint_sec
+                            if comm.Get_rank() == 0 else None, comm) or round_no == len(schedule) - 1
             try:
                 with timer.phase("io"):
                     write_block(models, None if tile is None else (s0, c0, 0, 0), tile)
-                    f.flush()                           # data on disk before its done bits
-                    bits = None if unit is None else np.ones((1, 1, grid[2]), dtype=np.uint8)
-                    write_block(done_dset, None if unit is None else (unit[0], unit[1], 0), bits)
+                    if due:       # checkpoint: tiles on disk first, then their done bits
+                        f.flush()
+                        with timer.phase("comm"):
+                            newly = comm.allgather(unsynced)
+                        for units_of_rank in newly:
+                            for u in units_of_rank:
+                                done_map[u] = True
+                        root = comm.Get_rank() == 0
+                        write_block(done_dset, (0, 0, 0) if root else None,
+                                    done_map.astype(np.uint8) if root else None)
+                        f.flush()
+                        unsynced, last_checkpoint = [], time.perf_counter()
             except (OSError, RuntimeError) as exc:
                 raise WriteFailure(f"{path}: writing {lay.MODELS} failed ({str(exc).splitlines()[0]}); "
                                    f"is the disk full? Tiles already marked in {lay.DONE} are valid: "
                                    f"rerun `cubefit_mpi build {path}` to resume") from exc
-            with timer.phase("comm"):
-                n_done = progress.update(0 if unit is None else 1)
-            _LOG.debug("build round: %d/%d units written", n_done, len(pending))
+            _LOG.debug("build round: %d/%d units written%s", n_done, len(pending), ", checkpoint" if due else "")
         f.flush()
         # energy of the units built by earlier runs: read back from the stored tiles
         lo, hi = block_range(len(finished), comm.Get_size(), comm.Get_rank())

@@ -48,6 +48,8 @@ class Knobs:
     rdcc_nslots: int = _knob("CUBEFIT_RDCC_NSLOTS", 400003, "file-level raw chunk cache slots", minimum=1)
     rdcc_nbytes: int = _knob("CUBEFIT_RDCC_NBYTES", 4294967296, "file-level raw chunk cache bytes", minimum=0)
     rdcc_w0: float = _knob("CUBEFIT_RDCC_W0", 0.9, "chunk cache preemption policy", minimum=0.0, maximum=1.0)
+    mpiio_hints: str = _knob("CUBEFIT_MPIIO_HINTS", "romio_cb_write=disable,romio_cb_read=disable",
+                             "MPI-IO hints key=value,... for parallel files ('none': the MPI library's defaults)")
     rdcc_slots: int = _knob("CUBEFIT_RDCC_SLOTS", 1000003, "per-dataset chunk cache slots", minimum=1)
     rdcc_bytes: int = _knob("CUBEFIT_RDCC_BYTES", 268435456, "per-dataset chunk cache bytes", minimum=0)
     # --- processes & threads ----------------------------------------------------------------
@@ -56,6 +58,9 @@ class Knobs:
                         choices=("forkserver", "spawn", "fork"))
     blas_threads: int = _knob("CUBEFIT_BLAS_THREADS", 0, "BLAS threads per rank (0: leave as launched)", minimum=0)
     fft_threads: int = _knob("CUBEFIT_FFT_THREADS", 1, "FFTW threads per rank in the builder", minimum=1)
+    build_checkpoint_sec: float = _knob("CUBEFIT_BUILD_CHECKPOINT_SEC", 10.0,
+                                        "seconds between build checkpoints (file sync, then done bits)",
+                                        minimum=0.0)
     # --- solver: worker-level stability & steps ---------------------------------------------
     bt_steps: int = _knob("CUBEFIT_BT_STEPS", 3, "backtracking steps per band", minimum=0)
     bt_factor: float = _knob("CUBEFIT_BT_FACTOR", 0.5, "alpha shrink per backtracking step", minimum=0.0, maximum=1.0)

@@ -241,7 +241,7 @@ def test_disk_full_keeps_finished_tiles_and_resumes(tmp_path):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         shutil.copy(src, mnt / "full.h5")
-        res = run_cli("build", mnt / "full.h5", "--chunks", "4,3,12")
+        res = run_cli("build", mnt / "full.h5", "--chunks", "4,3,12", env={"CUBEFIT_BUILD_CHECKPOINT_SEC": "0"})
         assert res.returncode == 1, res.stderr
         errors = [ln for ln in res.stderr.strip().splitlines() if " INFO " not in ln]
         assert len(errors) == 1 and "is the disk full?" in errors[0] and "rerun `cubefit_mpi build" in errors[0]
@@ -270,7 +270,7 @@ def test_sigkill_of_mpiexec_build_then_resume(tmp_path):
     assert res.returncode == 0, res.stderr
     shutil.copy(path, ref)
     cmd = ["mpiexec", "-n", "2", PYTHON, "-m", "mpi4py", "-m", "cubefit_mpi", "build", str(path), "--chunks", "2,1,24"]
-    env = {**os.environ, "CUBEFIT_LOG_LEVEL": "DEBUG"}
+    env = {**os.environ, "CUBEFIT_LOG_LEVEL": "DEBUG", "CUBEFIT_BUILD_CHECKPOINT_SEC": "0"}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
                             start_new_session=True)
     killed_at = None
@@ -296,3 +296,20 @@ def test_sigkill_of_mpiexec_build_then_resume(tmp_path):
     b, eb = read(ref, "/HyperCube/models", "/HyperCube/col_energy")
     assert a.tobytes() == b.tobytes()
     np.testing.assert_allclose(ea, eb, rtol=1e-12)
+
+
+def test_checkpoint_interval_delays_done_bits(small_mock, tmp_path, monkeypatch):
+    """With a long checkpoint interval the done bits are written once, at the end, all together."""
+    from cubefit_mpi import knobs as knobs_module
+    path = tmp_path / "c.h5"
+    shutil.copy(small_mock, path)
+    monkeypatch.setenv("CUBEFIT_BUILD_CHECKPOINT_SEC", "3600")
+    knobs_module._CACHE.clear()
+    import cubefit_mpi.hypercube_builder as hb
+    calls = []
+    real = hb.write_block
+    monkeypatch.setattr(hb, "write_block", lambda d, o, b: (calls.append(d.name), real(d, o, b)))
+    out = build_hypercube(str(path), S_chunk=6, comm=SELF)
+    knobs_module._CACHE.clear()
+    assert out["units_built"] == 10 and out["complete"]
+    assert calls.count("/HyperCube/_done") == 1 and calls.count("/HyperCube/models") == 10
