@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         return cmd_info(args, None)
     from .knobs import get_knobs
-    from .parallel import get_comm, install_abort_excepthook, setup_logging
+    from .parallel import get_comm, install_abort_excepthook, limit_blas_threads, setup_logging
 
     comm = get_comm()
     install_abort_excepthook(comm)
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         knobs = get_knobs()
         setup_logging(comm, knobs.log_level)
+        limit_blas_threads(comm, knobs.blas_threads)
         if rank == 0 and knobs.differing_from_defaults():
             _LOG.info("knobs: %s", knobs.differing_from_defaults())
         handler = getattr(args, "handler", None) or COMMANDS[args.command]

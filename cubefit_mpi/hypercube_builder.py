@@ -27,7 +27,7 @@ from .errors import InputError, WriteFailure
 from .hdf5_manager import open_h5, open_uncached, read_block, write_block
 from .kernels import AMP_MODES, interpolation_matrix, losvd_amplitude, unit_kernels
 from .knobs import get_knobs
-from .parallel import (PhaseTimer, Progress, agree, allreduce_sum, block_range, get_comm, padded_schedule, raise_if_any,
+from .parallel import (PhaseTimer, Progress, agree, allreduce_sum, limit_blas_threads, block_range, get_comm, padded_schedule, raise_if_any,
                        tile_bounds)
 from .validation import validate_inputs
 
@@ -245,6 +245,7 @@ def build_hypercube(path: str, norm_mode: str = "model", amp_mode: str = "sum", 
     """
     comm = get_comm(comm)
     t_start = time.perf_counter()
+    limit_blas_threads(comm, get_knobs().blas_threads)
     if norm_mode not in NORM_MODES:
         raise InputError(f"--norm {norm_mode}: expected one of {', '.join(NORM_MODES)}")
     if amp_mode not in AMP_MODES:

@@ -56,3 +56,30 @@ def test_build_identical_at_1_and_4_ranks(tmp_path):
     with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
         assert a["/HyperCube/models"][...].tobytes() == b["/HyperCube/models"][...].tobytes()
         np.testing.assert_allclose(a["/HyperCube/col_energy"][...], b["/HyperCube/col_energy"][...], rtol=1e-12)
+
+
+BLAS_THREADS = """
+from threadpoolctl import threadpool_info
+from cubefit_mpi.parallel import get_comm, limit_blas_threads
+comm = get_comm()
+applied = limit_blas_threads(comm)
+threads = sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+print(comm.rank, applied, threads, flush=True)
+"""
+
+
+def test_ranks_share_the_cores_with_blas():
+    import os
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                            "MKL_NUM_THREADS", "BLIS_NUM_THREADS")}
+    res = subprocess.run(["mpiexec", "-n", "2", PYTHON, "-c", BLAS_THREADS], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert res.returncode == 0, res.stderr
+    cores = os.cpu_count()
+    for line in res.stdout.strip().splitlines():
+        rank, applied, threads = line.split(" ", 2)
+        assert int(applied) == max(1, cores // 2)
+        assert threads == f"[{max(1, cores // 2)}]"
+    res = subprocess.run(["mpiexec", "-n", "2", PYTHON, "-c", BLAS_THREADS], capture_output=True, text=True,
+                         timeout=60, env={**env, "OMP_NUM_THREADS": "1"})
+    assert all(line.split(" ", 2)[1] == "0" for line in res.stdout.strip().splitlines())   # launcher decides

@@ -18,7 +18,8 @@ from .. import layout as lay
 from ..digest import array_digest, rows_digest
 from ..errors import InputError
 from ..hdf5_manager import open_h5, read_block
-from ..parallel import (PhaseTimer, allreduce_sum, block_range, get_comm, mpi, padded_schedule, reduce_sum,
+from ..knobs import get_knobs
+from ..parallel import (PhaseTimer, allreduce_sum, limit_blas_threads, block_range, get_comm, mpi, padded_schedule, reduce_sum,
                         tile_bounds)
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
@@ -56,6 +57,7 @@ def load_solve_inputs(path: str, *, use_weights: bool = True, comm=None) -> Solv
     command that finishes them), a missing data cube, or λ-weights of the wrong length.
     """
     comm = get_comm(comm)
+    limit_blas_threads(comm, get_knobs().blas_threads)
     weights = None
     if use_weights:
         from ..lambda_weights_stage import read_lambda_weights
