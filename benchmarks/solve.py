@@ -71,16 +71,21 @@ def read_floor(path) -> float:
 
 
 def blas_floor(S, n, n_used, ranks) -> float:
-    """Seconds of the SYRK arithmetic alone: S / ranks per-spaxel dsyrk of (N x L_used) float64."""
+    """Seconds of the SYRK arithmetic alone: S / ranks per-spaxel dsyrk of (N x L_used) float64,
+    with the BLAS threads one rank gets (cores // ranks)."""
     from scipy.linalg.blas import dsyrk
+    from threadpoolctl import threadpool_limits
 
+    limit = threadpool_limits(limits=max(1, (os.cpu_count() or 1) // ranks), user_api="blas")
     block = np.random.default_rng(0).uniform(size=(n, n_used))
     gram = np.zeros((n, n), order="F")
     count = -(-S // ranks)
     t0 = time.perf_counter()
     for _ in range(count):
         dsyrk(1.0, block.T, beta=1.0, c=gram, trans=1, lower=0, overwrite_c=1)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    limit.restore_original_limits()
+    return seconds
 
 
 def make_case(tmp: Path, name: str, S: int, C: int, P: int, L: int) -> Path:
