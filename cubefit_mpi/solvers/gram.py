@@ -17,7 +17,7 @@ import numpy as np
 from .. import layout as lay
 from ..digest import array_digest, rows_digest
 from ..errors import InputError
-from ..hdf5_manager import open_h5, read_block
+from ..hdf5_manager import open_h5, open_uncached, read_block
 from ..knobs import get_knobs
 from ..parallel import (PhaseTimer, allreduce_sum, limit_blas_threads, block_range, get_comm, mpi, padded_schedule, reduce_sum,
                         tile_bounds)
@@ -134,7 +134,7 @@ def iter_design_blocks(inputs: SolveInputs, comm, *, need_data: bool = True, tim
     n = inputs.n_params
     buf = np.empty((n, used.size))
     with open_h5(inputs.path, "r", comm) as f:
-        models, data = f[lay.MODELS], f[lay.DATACUBE]
+        models, data = open_uncached(f, lay.MODELS), f[lay.DATACUBE]   # each tile is read once
         for tile in padded_schedule(_my_tiles(inputs, comm), comm):
             if tile is None:
                 with timer.phase("io"):

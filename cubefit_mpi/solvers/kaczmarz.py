@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import layout as lay
 from ..errors import InputError
-from ..hdf5_manager import open_h5, read_block, write_block
+from ..hdf5_manager import open_h5, open_uncached, read_block, write_block
 from ..knobs import get_knobs
 from ..parallel import allreduce_sum, block_range, get_comm, mpi, padded_schedule
 from . import kaczmarz_steps as ks
@@ -99,7 +99,7 @@ class _Run:
     """Everything one solve needs while the file is open.  Methods are collective as noted."""
 
     def __init__(self, f, inputs, grid: Grid, knobs, cfg: ks.StepConfig, col_energy, y_norm, targets, eta):
-        self.models, self.data = f[lay.MODELS], f[lay.DATACUBE]
+        self.models, self.data = open_uncached(f, lay.MODELS), f[lay.DATACUBE]   # tiles are read once
         self.inp, self.grid, self.knobs, self.cfg = inputs, grid, knobs, cfg
         self.P = inputs.P
         self.col_energy = col_energy.reshape(-1)
@@ -131,11 +131,16 @@ class _Run:
         if tile is None:
             return None
         designs = {}
+        used = np.flatnonzero(inp.mask)
+        all_used = used.size == inp.L
         for b in g.my_bands:
             c0, c1 = g.bands[b]
-            block = a[:, c0 - g.c_lo:c1 - g.c_lo][..., inp.mask].astype(np.float64)
-            block *= self.sqrt_w
-            design = np.ascontiguousarray(block.transpose(1, 2, 0, 3)).reshape((c1 - c0) * self.P, -1)
+            n_b = (c1 - c0) * self.P
+            design = np.empty((n_b, ns, used.size))        # one pass: mask, cast, scale, lay out
+            for i in range(ns):
+                spaxel = a[i, c0 - g.c_lo:c1 - g.c_lo].reshape(n_b, inp.L)
+                np.multiply(spaxel if all_used else spaxel[:, used], self.sqrt_w, out=design[:, i, :])
+            design = design.reshape(n_b, -1)
             bad = ks.sanitize(design)
             self.counts["sanitised_A"] += bad if count else 0
             designs[b] = design
