@@ -63,3 +63,13 @@ def test_jobscript_variables_are_not_knobs():
     assert k == Knobs.from_env({})
     with pytest.raises(KnobError, match="CUBEFIT_FILES: unknown"):
         Knobs.from_env({"CUBEFIT_FILES": "g.h5"})
+
+
+def test_mpiio_hints_parse():
+    from cubefit_mpi.hdf5_manager import mpiio_info
+
+    info = mpiio_info("romio_cb_write=disable, romio_cb_read=enable")
+    assert info.Get("romio_cb_write") == "disable" and info.Get("romio_cb_read") == "enable"
+    assert mpiio_info("none").Get_nkeys() == 0
+    with pytest.raises(InputError, match="CUBEFIT_MPIIO_HINTS='romio_cb_write': expected key=value"):
+        mpiio_info("romio_cb_write")
