@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 _LOG = logging.getLogger("cubefit_mpi.io")
 _ABANDONED: list = []                 # files left open on purpose after a WriteFailure
+_PARALLEL_BY_FILENO: dict = {}      # H5Fget_fileno -> opened with mpio (files open through open_h5)
 _LOCK_WORDS = ("unable to lock file", "resource temporarily unavailable", "file is already open",
                "errno = 11")
 
@@ -100,14 +101,18 @@ def open_h5(path: str | os.PathLike, mode: str = "r", comm=None, *, retries: int
                                  f"writing elsewhere ({reason})")
             raise InputError(f"{path}: cannot open as HDF5 with mode {mode!r} ({reason})")
         time.sleep(backoff * 2 ** (attempt - 1))
+    fileno = handle.id.fileno
+    _PARALLEL_BY_FILENO[fileno] = comm.Get_size() > 1
     try:
         yield handle
     except WriteFailure:
         _ABANDONED.append(handle)      # never close a file whose writes failed (HDF5 may crash)
         raise
     except BaseException:
+        _PARALLEL_BY_FILENO.pop(fileno, None)
         handle.close()
         raise
+    _PARALLEL_BY_FILENO.pop(fileno, None)
     handle.close()
 
 
@@ -144,8 +149,14 @@ def mpiio_info(hints: str):
 
 
 def is_parallel(f) -> bool:
-    """True if ``f`` was opened with the mpio driver.  Local."""
-    return f.driver == "mpio"
+    """True if ``f`` was opened with the mpio driver.  Local for files opened by :func:`open_h5`.
+
+    Asking HDF5 (``f.driver``) copies the file access list, which duplicates the MPI
+    communicator of an mpio file: a *collective* call that hangs when one rank makes it alone
+    (an independent read).  Files opened by :func:`open_h5` are known by their file number.
+    """
+    known = _PARALLEL_BY_FILENO.get(f.id.fileno)
+    return f.driver == "mpio" if known is None else known
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,30 +196,47 @@ def write_block(dset, offset: Sequence[int] | None, block: np.ndarray | None) ->
 
 
 def read_block(dset, offset: Sequence[int] | None, shape: Sequence[int] | None,
-               dtype=None) -> np.ndarray | None:
+               dtype=None, collective: bool = True, out: np.ndarray | None = None) -> np.ndarray | None:
     """Read the block ``[offset, offset + shape)``; ``shape=None`` reads nothing and returns None.
 
-    Collective over the file's communicator when the file is parallel (same rules as
-    :func:`write_block`).  Local for serial files.
+    Collective over the file's communicator when the file is parallel and ``collective`` (same
+    rules as :func:`write_block`).  Local for serial files, and with ``collective=False``
+    (independent MPI-IO: for reads that do not need the ranks in step).  ``out``: a C-contiguous
+    array of at least ``shape[0]`` rows to read into (reused buffers avoid fresh pages per read);
+    its leading rows are returned.
     """
     h5py = _h5py()
     dtype = np.dtype(dtype or dset.dtype)
+    empty = shape is None or int(np.prod(shape)) == 0
+    if not empty and any(o < 0 or o + n > size for o, n, size in zip(offset, shape, dset.shape)):
+        raise ValueError(f"read_block: [{tuple(offset)} + {tuple(shape)}) is outside {dset.name} {dset.shape}")
+    if out is not None and shape is not None:
+        out = out[:shape[0]]
+        if out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
+            raise ValueError(f"read_block: out {out.shape} {out.dtype} does not hold {tuple(shape)} {dtype}")
     if not is_parallel(dset.file):
         if shape is None:
             return None
-        return np.asarray(dset[tuple(slice(o, o + n) for o, n in zip(offset, shape))], dtype=dtype)
+        sel = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+        if out is None:
+            return np.asarray(dset[sel], dtype=dtype)
+        if not empty:
+            dset.read_direct(out, sel)
+        return out
+    if empty and not collective:
+        return None if shape is None else np.zeros(shape, dtype=dtype)
     fspace = dset.id.get_space()
-    if shape is None or int(np.prod(shape)) == 0:
+    if empty:
         fspace.select_none()
         mshape = (1,) * max(len(dset.shape), 1)
         mspace = h5py.h5s.create_simple(mshape)
         mspace.select_none()
         dset.id.read(mspace, fspace, np.zeros(mshape, dtype=dtype), dxpl=_xfer(True))
         return None if shape is None else np.zeros(shape, dtype=dtype)
-    out = np.empty(tuple(shape), dtype=dtype)
+    out = np.empty(tuple(shape), dtype=dtype) if out is None else out
     fspace.select_hyperslab(tuple(int(o) for o in offset), out.shape)
     mspace = h5py.h5s.create_simple(out.shape)
-    dset.id.read(mspace, fspace, out, dxpl=_xfer(True))
+    dset.id.read(mspace, fspace, out, dxpl=_xfer(collective))
     return out
 
 

@@ -88,6 +88,17 @@ def install_abort_excepthook(comm=None) -> None:
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
 
 
+def ranks_on_node(comm=None) -> int:
+    """How many ranks of ``comm`` share this rank's node.  Collective over comm."""
+    comm = get_comm(comm)
+    if comm.Get_size() == 1:
+        return 1
+    node = comm.Split_type(mpi().COMM_TYPE_SHARED)
+    count = node.Get_size()
+    node.Free()
+    return count
+
+
 def limit_blas_threads(comm=None, threads: int = 0) -> int:
     """Keep ranks x BLAS threads within the node's cores.  Collective over comm.
 
@@ -100,9 +111,7 @@ def limit_blas_threads(comm=None, threads: int = 0) -> int:
     if threads <= 0:
         if any(var in os.environ for var in _THREAD_VARS):
             return 0
-        node = comm.Split_type(mpi().COMM_TYPE_SHARED)
-        on_node = node.Get_size()
-        node.Free()
+        on_node = ranks_on_node(comm)
         if on_node <= 1:
             return 0
         threads = max(1, (os.cpu_count() or 1) // on_node)
@@ -111,6 +120,26 @@ def limit_blas_threads(comm=None, threads: int = 0) -> int:
 
     threadpool_limits(limits=int(threads), user_api="blas")
     return int(threads)
+
+
+@contextmanager
+def matvec_blas_threads(threads: int = 0):
+    """One BLAS thread per rank inside the block, unless told otherwise.  Local.
+
+    For stages made of matrix-vector products (the Kaczmarz solver): they are memory-bound, so
+    more threads gain little, and OpenBLAS's worker threads, spinning between calls, made the
+    HDF5 reads between those calls 3x slower (measured, 2 cores).  ``threads`` > 0
+    (``CUBEFIT_BLAS_THREADS``) or a launcher that set ``OMP_NUM_THREADS`` & co. (a hybrid run)
+    keeps the current limits.
+    """
+    if threads > 0 or any(var in os.environ for var in _THREAD_VARS):
+        yield
+        return
+    import scipy.linalg  # noqa: F401 -- load every BLAS first: threadpoolctl limits the loaded ones
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +251,46 @@ def bcast_array(array, comm=None, root: int = 0) -> np.ndarray:
 
 def agree(value, comm=None, root: int = 0):
     """Root decides, everybody gets its (picklable) ``value``.  Collective over comm."""
-    return get_comm(comm).bcast(value, root=root)
+    comm = get_comm(comm)
+    return value if comm.Get_size() == 1 else comm.bcast(value, root=root)
+
+
+def allgather_objects(value, comm=None) -> list:
+    """Every rank's (picklable) ``value``, in rank order, on every rank.  Collective over comm.
+
+    One rank: ``[value]`` without pickling (the solvers call this once per tile).
+    """
+    comm = get_comm(comm)
+    return [value] if comm.Get_size() == 1 else comm.allgather(value)
+
+
+def allgather_array(array, comm=None) -> np.ndarray:
+    """``(ranks, *shape)`` float64: every rank's array of the same shape.  Collective over comm."""
+    comm = get_comm(comm)
+    send = _as_f64(array)
+    if comm.Get_size() == 1:
+        return send[None].copy()
+    out = np.empty((comm.Get_size(),) + send.shape)
+    comm.Allgather(send, out)
+    return out
+
+
+def gather_rows(block, rows_per_rank: Sequence[int], comm=None, root: int = 0) -> np.ndarray | None:
+    """Stack every rank's ``(rows_r, m)`` float64 block in rank order on ``root`` (None elsewhere).
+
+    ``rows_per_rank`` (the same list on every rank) gives ``rows_r``; one Gatherv, no pickling.
+    Collective over comm.
+    """
+    comm = get_comm(comm)
+    send = _as_f64(block)
+    if comm.Get_size() == 1:
+        return send.copy()
+    width = send.shape[1] if send.ndim == 2 else 0
+    counts = np.asarray(rows_per_rank, dtype=np.int64) * width
+    out = np.empty((int(np.sum(rows_per_rank)), width)) if comm.Get_rank() == root else None
+    displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    comm.Gatherv(send.reshape(-1), [out, counts, displs, mpi().DOUBLE] if out is not None else None, root=root)
+    return out
 
 
 def any_rank(flag: bool, comm=None) -> bool:

@@ -82,4 +82,5 @@ def test_ranks_share_the_cores_with_blas():
         assert threads == f"[{max(1, cores // 2)}]"
     res = subprocess.run(["mpiexec", "-n", "2", PYTHON, "-c", BLAS_THREADS], capture_output=True, text=True,
                          timeout=60, env={**env, "OMP_NUM_THREADS": "1"})
-    assert all(line.split(" ", 2)[1] == "0" for line in res.stdout.strip().splitlines())   # launcher decides
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.split(" ", 2)[1] == "0" for line in lines), (res.stdout, res.stderr)   # launcher decides

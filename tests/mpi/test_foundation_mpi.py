@@ -5,7 +5,7 @@ import pytest
 from mpi4py import MPI
 
 from cubefit_mpi import parallel as par
-from cubefit_mpi.hdf5_manager import H5Manager, open_h5, read_block, write_block
+from cubefit_mpi.hdf5_manager import H5Manager, is_parallel, open_h5, read_block, write_block
 from cubefit_mpi.layout import H5Dims
 from cubefit_mpi.mock import MockSpec
 from cubefit_mpi.mock_galaxy import make_mock
@@ -104,3 +104,25 @@ def test_populate_parallel_equals_serial(mpi_tmp_path):
         a, b = _datasets(mpi_tmp_path / "p.h5"), _datasets(mpi_tmp_path / "s.h5")
         for name in b:
             assert a[name].tobytes() == b[name].tobytes(), name
+
+
+def test_independent_read_by_one_rank_alone_and_gathers(mpi_tmp_path):
+    path = mpi_tmp_path / "ind.h5"
+    data = np.arange(6 * 5, dtype=np.float32).reshape(6, 5)
+    if comm.rank == 0:
+        with h5py.File(path, "w") as f:
+            f.create_dataset("a", data=data, chunks=(2, 5))
+    comm.Barrier()
+    with open_h5(path, "r", comm) as f:
+        assert is_parallel(f)
+        if comm.rank == 0:            # no other rank calls HDF5 meanwhile: this would hang if it were collective
+            np.testing.assert_array_equal(read_block(f["a"], (2, 1), (3, 4), collective=False), data[2:5, 1:])
+        comm.Barrier()
+    rows = [r + 1 for r in range(comm.size)]
+    stacked = par.gather_rows(np.full((comm.rank + 1, 3), float(comm.rank)), rows, comm)
+    if comm.rank == 0:
+        np.testing.assert_array_equal(stacked[:, 0], np.repeat(np.arange(comm.size), rows))
+    else:
+        assert stacked is None
+    every = par.allgather_array(np.array([comm.rank, -1.0]), comm)
+    np.testing.assert_array_equal(every[:, 0], np.arange(comm.size))
