@@ -57,6 +57,9 @@ class Knobs:
                         "predecessor's multiprocessing start method; ignored (MPI ranks replace the pool)",
                         choices=("forkserver", "spawn", "fork"))
     blas_threads: int = _knob("CUBEFIT_BLAS_THREADS", 0, "BLAS threads per rank (0: leave as launched)", minimum=0)
+    read_ahead: str = _knob("CUBEFIT_READ_AHEAD", "auto",
+                            "Kaczmarz reads the next tile in a background thread (auto: when the node has a "
+                            "core more than its ranks)", choices=("auto", "1", "0"))
     fft_threads: int = _knob("CUBEFIT_FFT_THREADS", 1, "FFTW threads per rank in the builder", minimum=1)
     build_checkpoint_sec: float = _knob("CUBEFIT_BUILD_CHECKPOINT_SEC", 10.0,
                                         "seconds between build checkpoints (file sync, then done bits)",

@@ -377,3 +377,11 @@ def test_bad_options(clean, kw, match):
         run(clean, **kw)
     with h5py.File(clean, "r") as f:
         assert "/X_global" not in f
+
+
+def test_read_ahead_changes_nothing_but_timing(noisy):
+    x_on, st_on = run(noisy, {"read_ahead": "1"}, epochs=2)
+    x_off, st_off = run(noisy, {"read_ahead": "0"}, epochs=2)
+    assert np.array_equal(x_on, x_off) and st_on["objective"] == st_off["objective"]
+    assert np.array_equal(st_on["rmse_history"], st_off["rmse_history"])
+    assert st_on["epoch_seconds"].shape == (2,) and np.all(st_on["epoch_seconds"] > 0)

@@ -5,6 +5,7 @@ import scipy.optimize
 
 from cubefit_mpi.knobs import Knobs
 from cubefit_mpi.solvers import kaczmarz_steps as ks
+from cubefit_mpi.solvers.band_design import BandDesign
 
 
 def _problem(n=6, rows=200, seed=0, correlated=False):
@@ -185,3 +186,71 @@ def test_ratio_step():
     half = ks.ratio_step(x, targets, 0.5)
     assert np.allclose(half.sum(axis=1), 0.5 * x.sum(axis=1) + 0.5 * targets * 8.0)
     assert np.array_equal(ks.ratio_step(np.zeros((2, 2)), targets[:2] * 2, 1.0), np.zeros((2, 2)))
+
+
+# --- the band design kept as the blocks read ---------------------------------------------------
+def _blocks(dtype, seed=3):
+    rng = np.random.default_rng(seed)
+    blocks = rng.uniform(0.0, 2.0, size=(3, 5, 7)).astype(dtype)      # ns=3 spaxels, n=5 columns, L=7
+    sqrt_w = rng.uniform(0.5, 1.5, size=7)
+    sqrt_w[[1, 4]] = 0.0                                                # masked pixels
+    dense = (blocks.astype(np.float64) * sqrt_w).transpose(1, 0, 2).reshape(5, -1)   # (n, ns*L)
+    return blocks, sqrt_w, dense
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-13), (np.float32, 1e-6)])
+def test_band_design_products_equal_the_dense_weighted_design(dtype, rtol):
+    blocks, sqrt_w, dense = _blocks(dtype)
+    d = BandDesign(blocks, sqrt_w)
+    rng = np.random.default_rng(4)
+    v, dx, xs = rng.normal(size=21), rng.normal(size=5), rng.normal(size=(2, 5))
+    assert d.n == 5 and d.rows == 21
+    np.testing.assert_allclose(d.energy(), np.einsum("ij,ij->i", dense, dense), rtol=rtol)
+    np.testing.assert_allclose(d.rmatvec(v), dense @ (v * np.tile(sqrt_w > 0, 3)), rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(d.matvec(dx), dx @ dense, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(d.matmat(xs), xs @ dense, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(d.matmat(xs, precise=True), xs @ dense, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(d.matmat(xs[:1]), xs[:1] @ dense, rtol=rtol, atol=rtol)
+    cols, pixels = np.array([3, 0]), np.array([0, 2, 6])
+    rows = (np.arange(3)[:, None] * 7 + pixels).reshape(-1)
+    np.testing.assert_allclose(d.take(cols), dense[cols], rtol=1e-13)
+    np.testing.assert_allclose(d.take(cols, pixels), dense[cols][:, rows], rtol=1e-13)
+    np.testing.assert_allclose(d.gram(cols), dense[cols] @ dense[cols].T, rtol=1e-12)
+    assert d.matvec(dx)[np.tile(sqrt_w == 0, 3)].tolist() == [0.0] * 6      # masked rows stay zero
+
+
+def test_band_design_sanitize_counts_used_pixels_and_shows_in_energy():
+    blocks, sqrt_w, _ = _blocks(np.float32)
+    blocks[0, 1, 2] = np.nan                       # a used pixel
+    blocks[2, 3, 4] = np.inf                       # a masked pixel: zeroed, not counted
+    d = BandDesign(blocks, sqrt_w)
+    assert not np.all(np.isfinite(d.energy()))     # the stage's first-visit check
+    assert d.sanitize(sqrt_w > 0) == 1 and np.all(np.isfinite(blocks))
+    assert blocks[0, 1, 2] == 0 and blocks[2, 3, 4] == 0 and np.all(np.isfinite(d.energy()))
+    with pytest.raises(ValueError):
+        BandDesign(blocks, sqrt_w[:5])
+
+
+def test_band_step_same_on_blocks_and_dense():
+    blocks, sqrt_w, dense = _blocks(np.float64)
+    rng = np.random.default_rng(5)
+    r, x = rng.normal(size=21) * np.tile(sqrt_w > 0, 3), rng.uniform(0.0, 0.2, size=5)
+    cfg = ks.StepConfig(n_candidates=3, decorrelate=0.5, block=5)
+    a = ks.band_step(BandDesign(blocks, sqrt_w), r, x, np.ones(5), cfg)
+    b = ks.band_step(dense, r, x, np.ones(5), cfg)
+    given = ks.band_step(dense, r, x, np.ones(5), cfg, energy=np.einsum("ij,ij->i", dense, dense),
+                         frozen=np.array([False, True, False, False, False]))
+    np.testing.assert_allclose(a.dx, b.dx, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(a.dr_w, b.dr_w, rtol=1e-12, atol=1e-15)
+    assert a.candidates.tolist() == b.candidates.tolist()
+    assert given.dx[1] == 0.0 and given.n_frozen == 1          # a given frozen mask is used as is
+
+
+def test_top_k_equals_a_full_sort_with_ties():
+    rng = np.random.default_rng(6)
+    for _ in range(200):
+        score = rng.integers(0, 5, size=rng.integers(1, 30)).astype(float)
+        score[rng.uniform(size=score.size) < 0.2] = -np.inf
+        k = int(rng.integers(0, 35))
+        full = np.lexsort((np.arange(score.size), -score))[:k]
+        assert ks.top_k(score, k).tolist() == full.tolist()

@@ -8,8 +8,11 @@ An epoch visits every S-tile (chunk-aligned spaxel blocks, hardest first = large
 data norm, ties by index) once, in *rounds*: in round ``r`` S-group ``g`` takes tile
 ``order[r·G + g]``.  For its tile a group
 
-1. reads ``/HyperCube/models`` for each rank's c-range and ``/DataCube`` (collective reads,
-   two per round on every rank) and forms ``R_w = √w (y − A x)`` (Allreduce over the group);
+1. reads ``/HyperCube/models`` for each rank's c-range (independent reads, the next tile read
+   ahead in a background thread while this one is worked on, see ``CUBEFIT_READ_AHEAD``; the
+   √w-weighted ``/DataCube`` is held in memory) and forms ``R_w = √w (y − A x)`` (Allreduce over
+   the group).  The band's products are float32 BLAS passes over the blocks as read
+   (:class:`~.band_design.BandDesign`); column energies are computed on the first visit and kept;
 2. runs :func:`~.kaczmarz_steps.band_step` on every logical band (preconditioning, freezing,
    projection, trust region, band backtracking, polish candidates);
 3. sums the bands' ΔR (Allreduce over the group), applies the global step cap
@@ -29,6 +32,7 @@ number of ranks holding the same ``c_bands`` (to rounding).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -37,17 +41,21 @@ import numpy as np
 
 from .. import layout as lay
 from ..errors import InputError
-from ..hdf5_manager import open_h5, open_uncached, read_block, write_block
+from ..hdf5_manager import open_h5, open_uncached
 from ..knobs import get_knobs
-from ..parallel import allreduce_sum, block_range, get_comm, mpi, padded_schedule
+from ..parallel import (allgather_array, allreduce_sum, bcast_array, block_range, gather_rows, get_comm,
+                        matvec_blas_threads, mpi, ranks_on_node)
+from ..read_ahead import ReadAhead
 from . import kaczmarz_steps as ks
+from .band_design import BandDesign
+from .kaczmarz_inputs import check_options, initial_x, load_data, read_x_global, write_solution
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
-WARM_STARTS = ("zeros", "exact", "resume", "jacobi")
 DEFAULT_ORBIT_STRENGTH = 0.1
 COUNTERS = ("tiles", "band_steps", "band_rejected", "band_bt_shrinks", "trust_clipped", "frozen_columns",
             "tile_rejected", "tile_bt_shrinks", "global_capped", "polish_calls", "polish_accepts",
             "polish_skipped", "sanitised_A", "sanitised_R", "round_bt_shrinks", "rounds_rejected")
+ENERGY_CACHE_BYTES = 256 * 2**20     # per rank: the column energies of every (tile, band) it holds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +95,16 @@ class Grid:
         b0, b1 = block_range(n_bands, group_comm.Get_size(), group_comm.Get_rank())
         return cls(comm, group_comm, n_groups, group, bands, list(range(b0, b1)))
 
+    @property
+    def max_bands_per_rank(self) -> int:
+        return -(-len(self.bands) // self.group_comm.Get_size())
+
+    def column_splits(self, P: int) -> np.ndarray:
+        """Column boundaries ``(group size + 1,)``: group rank r holds columns ``[splits[r], splits[r+1])``.  Local."""
+        size, n_bands = self.group_comm.Get_size(), len(self.bands)      # size <= n_bands: no rank is empty
+        starts = [self.bands[block_range(n_bands, size, r)[0]][0] * P for r in range(size)]
+        return np.asarray(starts + [self.bands[-1][1] * P], dtype=np.int64)
+
     def free(self) -> None:
         if self.group_comm is not self.comm:
             self.group_comm.Free()
@@ -95,84 +113,154 @@ class Grid:
 # ---------------------------------------------------------------------------------------------
 # the solver state and one round
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class Tile:
+    """What a group holds of one S-tile: this rank's band designs and the weighted data.
+
+    Rows are ``(spaxel, λ)`` over all ``L`` pixels; masked pixels have ``√w = 0`` so that
+    their rows of ``y_w`` and of every design product are zero.
+    """
+
+    index: int
+    n_spaxels: int
+    designs: dict          # band -> BandDesign
+    y_w: np.ndarray        # (n_spaxels * L,) float64
+    sum_w: float           # n_spaxels * Σ_used w
+
+
 class _Run:
     """Everything one solve needs while the file is open.  Methods are collective as noted."""
 
-    def __init__(self, f, inputs, grid: Grid, knobs, cfg: ks.StepConfig, col_energy, y_norm, targets, eta):
-        self.models, self.data = open_uncached(f, lay.MODELS), f[lay.DATACUBE]   # tiles are read once
+    def __init__(self, f, inputs, grid: Grid, knobs, cfg: ks.StepConfig, col_energy, data_w, y_norm,
+                 targets, eta):
+        self.models = open_uncached(f, lay.MODELS)      # each tile is read once per epoch
+        self.planned, self.reader, self.n_read = [], None, 0
+        # a reader thread needs a core of its own: with every core running a rank it made an epoch
+        # 10-20 % slower here (2 ranks on 2 cores); with a spare core it hides the reads (1 rank:
+        # 0.30 -> 0.20 s per epoch, S=500 C=3 P=100 L=1500)
+        spare_core = ranks_on_node(grid.comm) < (os.cpu_count() or 1)
+        self.read_ahead = knobs.read_ahead == "1" or (knobs.read_ahead == "auto" and spare_core)
         self.inp, self.grid, self.knobs, self.cfg = inputs, grid, knobs, cfg
         self.P = inputs.P
         self.col_energy = col_energy.reshape(-1)
         w = inputs.weights
         self.w_mean = 1.0 if w is None else float(np.mean(w[inputs.mask]))
-        self.sqrt_w = inputs.sqrt_w
-        self.n_used = int(inputs.mask.sum())
+        self.sqrt_w_full = np.zeros(inputs.L)
+        self.sqrt_w_full[inputs.mask] = inputs.sqrt_w
+        self.used = np.flatnonzero(inputs.mask)
+        self.n_used = int(self.used.size)
+        self.data_w = data_w                              # (S, L) √w-weighted, zero on masked pixels
         self.y_norm, self.targets, self.eta = y_norm, targets, eta
         self.counts: dict[str, float] = defaultdict(float)   # summed over ranks at the end
         self.maxima: dict[str, float] = defaultdict(float)
         self.group_tiles = 0
+        # column energies per (tile, band) do not change between epochs: kept up to a budget
+        n_mine = sum(self.cols(b).stop - self.cols(b).start for b in grid.my_bands)
+        self.energy_cache: dict = {} if n_mine * len(inputs.s_tiles) * 8 <= ENERGY_CACHE_BYTES else None
+        self.checked: set = set()                           # (tile, band) read at least once
+        self.dirty: set = set()                             # (tile, band) with non-finite values
 
     def cols(self, band: int) -> slice:
         c0, c1 = self.grid.bands[band]
         return slice(c0 * self.P, c1 * self.P)
 
     # --- reading ------------------------------------------------------------------------------
-    def read_tile(self, tile, count: bool = True):
-        """This rank's band designs and the weighted data of ``tile`` (None: read nothing).  Collective.
+    def plan_reads(self, order: list, epochs: int) -> None:
+        """Start reading ahead this group's tiles: every epoch, then the objective pass.  Local.
 
-        ``count``: add the sanitised values to the stats.  Returns ``(designs {band: (n_b, rows) float64}, y_w (rows,), sum_w)`` or None.
+        The reads are independent (no rank waits for another's) and each is made in a
+        background thread while the previous tile is worked on (``CUBEFIT_READ_AHEAD``).
         """
         g, inp = self.grid, self.inp
-        want_a = tile is not None and bool(g.my_bands)
-        s0, s1 = inp.s_tiles[tile] if tile is not None else (0, 0)
-        ns = s1 - s0
-        a = read_block(self.models, (s0, g.c_lo, 0, 0), (ns, g.c_hi - g.c_lo, self.P, inp.L) if want_a else None)
-        y = read_block(self.data, (s0, 0), (ns, inp.L) if tile is not None else None, np.float64)
+        G = g.n_groups
+        mine = [order[i] if i < len(order) else None for i in range(g.group, -(-len(order) // G) * G, G)]
+        self.planned = mine * int(epochs) + mine
+        requests = [None if t is None or not g.my_bands else
+                    ((inp.s_tiles[t][0], g.c_lo, 0, 0), (inp.s_tiles[t][1] - inp.s_tiles[t][0], g.c_hi - g.c_lo,
+                                                         self.P, inp.L)) for t in self.planned]
+        self.reader = ReadAhead(self.models, requests, enabled=self.read_ahead)
+
+    def close(self) -> None:
+        """Stop reading ahead.  Local."""
+        if self.reader is not None:
+            self.reader.close()
+
+    def read_tile(self, tile, count: bool = True) -> Tile | None:
+        """This rank's band designs of ``tile`` and its weighted data (None: nothing).  Local.
+
+        ``tile`` must be the next one :meth:`plan_reads` planned.  A band's design is the block
+        as read (float32), sanitised in place when its column energy shows non-finite values;
+        ``count`` adds what was sanitised to the stats.  The block stays valid until the next
+        call but one.
+        """
+        g, inp = self.grid, self.inp
+        if self.n_read >= len(self.planned) or self.planned[self.n_read] != tile:
+            raise RuntimeError(f"kaczmarz: tile {tile} read out of the planned order")
+        self.n_read += 1
+        a = self.reader.next()
         if tile is None:
             return None
+        s0, s1 = inp.s_tiles[tile]
+        ns = s1 - s0
         designs = {}
-        used = np.flatnonzero(inp.mask)
-        all_used = used.size == inp.L
         for b in g.my_bands:
             c0, c1 = g.bands[b]
-            n_b = (c1 - c0) * self.P
-            design = np.empty((n_b, ns, used.size))        # one pass: mask, cast, scale, lay out
-            for i in range(ns):
-                spaxel = a[i, c0 - g.c_lo:c1 - g.c_lo].reshape(n_b, inp.L)
-                np.multiply(spaxel if all_used else spaxel[:, used], self.sqrt_w, out=design[:, i, :])
-            design = design.reshape(n_b, -1)
-            bad = ks.sanitize(design)
-            self.counts["sanitised_A"] += bad if count else 0
+            design = BandDesign(a[:, c0 - g.c_lo:c1 - g.c_lo].reshape(ns, (c1 - c0) * self.P, inp.L),
+                                self.sqrt_w_full)
+            key = (tile, b)
+            if key not in self.checked:                    # first read: the energy finds non-finite values
+                self.checked.add(key)
+                energy = design.energy()
+                if not np.all(np.isfinite(energy)):
+                    self.dirty.add(key)
+                elif self.energy_cache is not None:
+                    self.energy_cache[key] = self._with_frozen(energy)
+            if key in self.dirty:                          # sanitised on every read
+                bad = design.sanitize(self.used)
+                self.counts["sanitised_A"] += bad if count else 0
             designs[b] = design
-        y_w = (y[:, inp.mask] * self.sqrt_w).reshape(-1)
-        return designs, y_w, ns * float(np.sum(self.sqrt_w ** 2))
+        return Tile(tile, ns, designs, self.data_w[s0:s1].reshape(-1), ns * float(np.sum(self.sqrt_w_full ** 2)))
 
-    def apply(self, designs, xs: np.ndarray, rows: int) -> np.ndarray:
+    def energy(self, tile: Tile, band: int) -> tuple[np.ndarray, np.ndarray]:
+        """Column energy ``Σ (√w A_j)²`` of ``band`` on ``tile`` and its frozen columns (cached between epochs).  Local."""
+        key = (tile.index, band)
+        cached = None if self.energy_cache is None else self.energy_cache.get(key)
+        if cached is None:
+            cached = self._with_frozen(tile.designs[band].energy())
+            if self.energy_cache is not None:
+                self.energy_cache[key] = cached
+        return cached
+
+    def _with_frozen(self, energy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return energy, ks.freeze_mask(energy, self.cfg.zero_col_rel, self.cfg.zero_col_abs)
+
+    def apply(self, tile: Tile, xs: np.ndarray, precise: bool = False) -> np.ndarray:
         """Weighted model ``√w A x (k, rows)`` of the tile for each row of ``xs (k, N)``.  Collective over the group."""
-        out = np.zeros((xs.shape[0], rows))
-        for b, design in designs.items():
-            out += xs[:, self.cols(b)] @ design
+        out = np.zeros((xs.shape[0], tile.y_w.size))
+        for b, design in tile.designs.items():
+            out += design.matmat(xs[:, self.cols(b)], precise=precise)
         return allreduce_sum(out, self.grid.group_comm)
 
-    def residual(self, designs, y_w, x) -> np.ndarray:
+    def residual(self, tile: Tile, x) -> np.ndarray:
         """``R_w = √w (y − A x)`` of the tile, sanitised.  Collective over the group."""
-        r_w = y_w - self.apply(designs, x[None, :], y_w.size)[0]
+        r_w = tile.y_w - self.apply(tile, x[None, :])[0]
         bad = ks.sanitize(r_w)
         if self.grid.leader:
             self.counts["sanitised_R"] += bad
         return r_w
 
     # --- one tile of one group ----------------------------------------------------------------
-    def group_step(self, designs, r_w, x, n_tile_spaxels: int, polish_now: bool):
+    def group_step(self, tile: Tile, r_w, x, polish_now: bool):
         """The committed update ``dx (N,)`` of this group's tile and its ``ΔR_w``.  Collective over the group."""
         g, cfg, knobs, counts = self.grid, self.cfg, self.knobs, self.counts
-        share = n_tile_spaxels / self.inp.S * self.w_mean
+        share = tile.n_spaxels / self.inp.S * self.w_mean
         steps = {}
         dr = np.zeros_like(r_w)
         energy_step = 0.0
-        for b, design in designs.items():
+        for b, design in tile.designs.items():
             cols = self.cols(b)
-            st = ks.band_step(design, r_w, x[cols], self.col_energy[cols] * share, cfg)
+            energy, frozen = self.energy(tile, b)
+            st = ks.band_step(design, r_w, x[cols], self.col_energy[cols] * share, cfg, energy=energy, frozen=frozen)
             steps[b] = st
             dr += st.dr_w
             energy_step += float(np.sum(st.dx ** 2 * self.col_energy[cols]))
@@ -203,7 +291,7 @@ class _Run:
         dx = allreduce_sum(dx, g.group_comm)              # one contributor per column: exact
         r_new = r_w - factor * dr
         if polish_now:
-            polished = self.polish(designs, r_new, x + dx, steps)
+            polished = self.polish(tile, r_new, x + dx, steps)
             if polished is not None:
                 cols, delta, dr_polish = polished
                 dx[cols] += delta
@@ -211,60 +299,55 @@ class _Run:
         return dx, r_new
 
     # --- the polish ---------------------------------------------------------------------------
-    def polish(self, designs, r_w, x_k, steps):
+    def polish(self, tile: Tile, r_w, x_k, steps):
         """Weighted NNLS on the best candidates, by the group's rank 0.  Collective over the group.
 
         Returns ``(cols (k,), delta (k,), ΔR_w (rows,))`` when accepted, else None.
         """
         g, knobs, counts = self.grid, self.knobs, self.counts
-        mine_idx = [np.arange(self.cols(b).start, self.cols(b).stop)[st.candidates] for b, st in steps.items()]
-        mine_score = [st.scores for st in steps.values()]
-        proposed = g.group_comm.allgather((np.concatenate(mine_idx or [np.zeros(0, np.int64)]),
-                                           np.concatenate(mine_score or [np.zeros(0)])))
-        cand = ks.merge_candidates(np.concatenate([p[0] for p in proposed]),
-                                   np.concatenate([p[1] for p in proposed]), knobs.nnls_max_cols)
+        proposal = np.full((2, self.cfg.n_candidates * g.max_bands_per_rank), -1.0)   # (index, score), -1 = none
+        mine = [(np.arange(self.cols(b).start, self.cols(b).stop)[st.candidates], st.scores) for b, st in steps.items()]
+        if mine:
+            idx, score = np.concatenate([m[0] for m in mine]), np.concatenate([m[1] for m in mine])
+            proposal[0, :idx.size], proposal[1, :idx.size] = idx, score
+        proposed = allgather_array(proposal, g.group_comm)
+        real = proposed[:, 0, :] >= 0
+        cand = ks.merge_candidates(proposed[:, 0, :][real].astype(np.int64), proposed[:, 1, :][real], knobs.nnls_max_cols)
         r_norm = float(np.linalg.norm(r_w))
-        n_spax = r_w.size // self.n_used
-        pix = ks.pixel_subsample(self.n_used, knobs.nnls_sub_l)
-        rows = (np.arange(n_spax)[:, None] * self.n_used + pix[None, :]).reshape(-1)
+        pixels = self.used[ks.pixel_subsample(self.n_used, knobs.nnls_sub_l)]
+        rows = (np.arange(tile.n_spaxels)[:, None] * self.inp.L + pixels[None, :]).reshape(-1)
         width = ks.polish_width(cand.size, rows.size, knobs.nnls_max_cols, knobs.nnls_max_bytes)
         if width == 0 or r_norm == 0.0:
             if g.leader:
                 counts["polish_skipped"] += 1
             return None
         cand = cand[:width]
-        owned = [(here, designs[b][local]) for b, here, local in self._owned(cand, designs)]
-        gathered = g.group_comm.gather([(here, block[:, rows]) for here, block in owned], root=0)
+        owner = np.searchsorted(g.column_splits(self.P), cand, side="right") - 1    # group rank of each column
+        here = np.flatnonzero(owner == g.group_rank)                                # ascending column order
+        full = np.empty((here.size, r_w.size))                  # this rank's candidates, all rows (weighted)
+        for b in tile.designs:
+            cols = self.cols(b)
+            inside = (cand[here] >= cols.start) & (cand[here] < cols.stop)
+            if inside.any():
+                full[inside] = tile.designs[b].take(cand[here][inside] - cols.start)
+        stacked = gather_rows(full[:, rows], np.bincount(owner, minlength=g.group_comm.Get_size()), g.group_comm)
         delta = None
         if g.leader:
             sub_design = np.empty((width, rows.size))
-            for rank_parts in gathered:
-                for here, block in rank_parts:
-                    sub_design[here] = block
+            sub_design[np.argsort(owner, kind="stable")] = stacked     # rank order -> candidate order
             z = ks.polish_solve(sub_design, r_w[rows], x_k[cand], method=knobs.nnls_solver,
                                 max_iter=knobs.nnls_max_iter)
             delta = z - x_k[cand]
             counts["polish_calls"] += 1
             self.maxima["polish_cols_max"] = max(self.maxima["polish_cols_max"], width)
             self.maxima["polish_rows_max"] = max(self.maxima["polish_rows_max"], rows.size)
-        delta = g.group_comm.bcast(delta, root=0)
-        dr = np.zeros_like(r_w)
-        for here, block in owned:
-            dr += delta[here] @ block
-        dr = allreduce_sum(dr, g.group_comm)
+        delta = bcast_array(delta, g.group_comm)
+        dr = allreduce_sum(delta[here] @ full, g.group_comm)
         ratio = float(np.linalg.norm(r_w - dr)) / r_norm
         accepted = ratio < min(knobs.nnls_min_improve, 1.0)     # never let the tile's RMSE rise
         if g.leader:
             counts["polish_accepts"] += accepted
         return (cand, delta, dr) if accepted else None
-
-    def _owned(self, cand: np.ndarray, designs):
-        """``(band, positions in cand, band-local rows)`` for this rank's candidate columns.  Local."""
-        for b in designs:
-            cols = self.cols(b)
-            here = np.flatnonzero((cand >= cols.start) & (cand < cols.stop))
-            if here.size:
-                yield b, here, cand[here] - cols.start
 
     # --- one round of all groups --------------------------------------------------------------
     def round(self, x: np.ndarray, tiles: list, polish_enabled: bool) -> tuple[np.ndarray, list]:
@@ -282,25 +365,24 @@ class _Run:
         tile = tiles[g.group]
         watched = ("sanitised_A", "sanitised_R", "frozen_columns")
         before = [self.counts[k] for k in watched]
-        read = self.read_tile(tile)
+        held = self.read_tile(tile)
         dx_g, local = np.zeros_like(x), None
-        if read is not None:
-            designs, y_w, sum_w = read
-            r_w = self.residual(designs, y_w, x)
+        if held is not None:
+            r_w = self.residual(held, x)
             self.group_tiles += 1
             polish_now = polish_enabled and self.group_tiles % self.knobs.nnls_every == 0
-            dx_g, r_new = self.group_step(designs, r_w, x, len(y_w) // self.n_used, polish_now)
-            local = (designs, r_w, r_new, sum_w)
+            dx_g, r_new = self.group_step(held, r_w, x, polish_now)
+            local = (held, r_w, r_new)
             if self.knobs.debug_safe:
                 found = allreduce_sum(np.array([self.counts[k] for k in watched]) - before, g.group_comm)
                 if g.leader:
                     _LOG.info("debug-safe tile %d: sanitised %d A values and %d residuals, %d frozen columns",
                               tile, *(int(v) for v in found))
         if g.n_groups == 1:
-            designs, r_w, r_new, sum_w = local
+            held, r_w, r_new = local
             r2, r2_new = float(r_w @ r_w), float(r_new @ r_new)
             x_new = x + dx_g
-            records = [(0, tiles[0], r2, r2_new, sum_w)]
+            records = [(0, tiles[0], r2, r2_new, held.sum_w)]
         else:
             x_new, records = self._combine(x, dx_g, local, tiles)
         if self.cfg.project_nonneg:
@@ -323,10 +405,10 @@ class _Run:
             dx_round += row
         vals = np.zeros((G, 4))
         if local is not None:
-            designs, r_w, _, sum_w = local
-            dr = self.apply(designs, dx_round[None, :], r_w.size)[0]
+            held, r_w, _ = local
+            dr = self.apply(held, dx_round[None, :])[0]
             if g.leader:
-                vals[g.group] = (float(r_w @ r_w), float(r_w @ dr), float(dr @ dr), sum_w)
+                vals[g.group] = (float(r_w @ r_w), float(r_w @ dr), float(dr @ dr), held.sum_w)
         vals = allreduce_sum(vals, g.comm)
         p, q = float(np.sum(vals[:, 1])), float(np.sum(vals[:, 2]))
         beta, shrinks = ks.backtrack(p, q, steps=self.knobs.tile_bt_steps, factor=self.knobs.tile_bt_factor,
@@ -340,125 +422,18 @@ class _Run:
 
     # --- objective pass -----------------------------------------------------------------------
     def objective(self, xs: np.ndarray, order: list) -> np.ndarray:
-        """``½ Σ w r²`` over the whole cube for each row of ``xs (k, N)``.  Collective over comm."""
+        """``½ Σ w r²`` over the whole cube for each row of ``xs (k, N)``, in float64.  Collective over comm."""
         g = self.grid
         total = np.zeros(xs.shape[0])
         for r in range(-(-len(order) // g.n_groups)):
             i = r * g.n_groups + g.group
-            read = self.read_tile(order[i] if i < len(order) else None, count=False)
-            if read is None:
+            held = self.read_tile(order[i] if i < len(order) else None, count=False)
+            if held is None:
                 continue
-            designs, y_w, _ = read
-            resid = y_w[None, :] - self.apply(designs, xs, y_w.size)
+            resid = held.y_w[None, :] - self.apply(held, xs, precise=True)
             if g.leader:
                 total += 0.5 * np.einsum("ij,ij->i", resid, resid)
         return allreduce_sum(total if g.leader else np.zeros_like(total), g.comm)
-
-
-# ---------------------------------------------------------------------------------------------
-# setup helpers
-# ---------------------------------------------------------------------------------------------
-def tile_norms(f, inputs, comm) -> tuple[np.ndarray, float]:
-    """Weighted ``Σ w y²`` per S-tile (every rank) and the unweighted ``‖Y‖``.  Collective over comm."""
-    n_tiles = len(inputs.s_tiles)
-    lo, hi = block_range(n_tiles, comm.Get_size(), comm.Get_rank())
-    norms = np.zeros((n_tiles, 2))
-    w = np.ones(inputs.L) if inputs.weights is None else inputs.weights
-    for t in padded_schedule(list(range(lo, hi)), comm):
-        s0, s1 = inputs.s_tiles[t] if t is not None else (0, 0)
-        y = read_block(f[lay.DATACUBE], (s0, 0), (s1 - s0, inputs.L) if t is not None else None, np.float64)
-        if t is not None:
-            used = y[:, inputs.mask]
-            norms[t] = (float(np.sum(used * used * w[inputs.mask])), float(np.sum(used * used)))
-    norms = allreduce_sum(norms, comm)
-    return norms[:, 0], float(np.sqrt(np.sum(norms[:, 1])))
-
-
-def _read_x_global(path, n, comm, *, require_exact: bool):
-    """``/X_global`` when its attribute method is "exact" (else None, or an error).  Collective."""
-    with open_h5(path, "r", comm) as f:
-        if lay.X_GLOBAL in f and f[lay.X_GLOBAL].shape == (n,):
-            method = f[lay.X_GLOBAL].attrs.get("method", "")
-            method = method.decode() if isinstance(method, bytes) else str(method)
-            if method == "exact":
-                return np.asarray(f[lay.X_GLOBAL][...], dtype=np.float64)
-    if require_exact:
-        raise InputError(f"{lay.X_GLOBAL}: warm_start='exact' needs an exact solution of length {n} "
-                         f"(attribute method='exact'); run `cubefit_mpi solve {path}` first")
-    return None
-
-
-def initial_x(path, inputs, warm_start, x0, comm, eps: float) -> tuple[np.ndarray, str]:
-    """The starting point (N,) float64 and a word saying where it came from.  Collective over comm."""
-    n = inputs.n_params
-    given = x0 if x0 is not None else (warm_start if not isinstance(warm_start, str) else None)
-    if given is not None:
-        x = np.asarray(given, dtype=np.float64).reshape(-1)
-        if x.size != n or not np.all(np.isfinite(x)):
-            raise InputError(f"x0: expected {n} finite values (C*P), got {x.size}")
-        return x.copy(), "given"
-    if warm_start not in WARM_STARTS:
-        raise InputError(f"--warm-start {warm_start}: expected one of {', '.join(WARM_STARTS)}")
-    if warm_start == "exact":
-        return _read_x_global(path, n, comm, require_exact=True), "exact"
-    if warm_start == "resume":
-        found = None
-        if comm.Get_rank() == 0:
-            from ..fit_tracker import latest_snapshot
-
-            found = latest_snapshot(path, n_params=n)
-        found = comm.bcast(found, root=0)
-        if found is None:
-            if comm.Get_rank() == 0:
-                _LOG.warning("warm_start='resume': no snapshot of length %d next to %s; starting from zeros", n, path)
-            return np.zeros(n), "zeros"
-        _LOG.info("warm_start='resume': snapshot of epoch %d from %s", found[1], found[2])
-        return np.asarray(found[0], dtype=np.float64).copy(), f"resume:{found[1]}"
-    if warm_start == "jacobi":
-        from .gram import diagonal_pass, residual_chi2
-
-        diag = diagonal_pass(inputs, comm)
-        x = np.where(diag["diag"] > eps, np.maximum(diag["rhs"], 0.0) / np.maximum(diag["diag"], eps), 0.0)
-        bx = float(diag["rhs"] @ x)
-        curvature = residual_chi2(inputs, x, comm) - diag["yy"] + 2.0 * bx    # ‖√w A x‖²
-        gamma = bx / curvature if curvature > 0 and bx > 0 else 0.0
-        return gamma * x, "jacobi"
-    return np.zeros(n), "zeros"
-
-
-def _write_solution(path, x, stats, knobs, comm) -> None:
-    """``/X_global`` with method and solver settings as attributes.  Collective over comm."""
-    root = comm.Get_rank() == 0
-    with open_h5(path, "r+", comm) as f:
-        if lay.X_GLOBAL in f and f[lay.X_GLOBAL].shape != x.shape:
-            del f[lay.X_GLOBAL]
-        if lay.X_GLOBAL not in f:
-            f.create_dataset(lay.X_GLOBAL, shape=x.shape, dtype="f8")
-        dset = f[lay.X_GLOBAL]
-        write_block(dset, (0,) if root else None, x if root else None)
-        attrs = {"method": "kaczmarz", "layout": "row-major (C, P)", "chi2": 2.0 * stats["objective"],
-                 "objective": stats["objective"], "epochs": stats["epochs"], "lr": stats["lr"],
-                 "c_bands": stats["c_bands"], "s_groups": stats["s_groups"], "warm_start": stats["warm_start"]}
-        for env, value in knobs.as_dict().items():
-            if env.startswith(("CUBEFIT_BT_", "CUBEFIT_TRUST", "CUBEFIT_EPS", "CUBEFIT_ZERO_COL",
-                               "CUBEFIT_NNLS_", "CUBEFIT_TILE_BT", "CUBEFIT_GLOBAL_")):
-                attrs[env] = value
-        for key, value in attrs.items():
-            dset.attrs[key] = value
-
-
-def _check_options(epochs, lr, c_bands, n_comp, orbit_strength, decorrelate) -> None:
-    if int(epochs) != epochs or epochs < 0:
-        raise InputError(f"--epochs {epochs}: expected an integer >= 0")
-    if not np.isfinite(lr) or lr <= 0:
-        raise InputError(f"--lr {lr}: expected a positive number")
-    if c_bands is not None and (int(c_bands) != c_bands or not 1 <= c_bands <= n_comp):
-        raise InputError(f"c_bands={c_bands}: expected an integer in [1, {n_comp}] (C)")
-    if orbit_strength is not None and not 0.0 <= orbit_strength <= 1.0:
-        raise InputError(f"--orbit-strength {orbit_strength}: expected 0 <= value <= 1 for kaczmarz "
-                         f"(fraction of the way to the targets per tile)")
-    if not 0.0 <= decorrelate <= 1.0:
-        raise InputError(f"decorrelate={decorrelate}: expected 0 <= value <= 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,7 +477,7 @@ def solve_kaczmarz(path, *, epochs: int = 1, lr: float = 1.0, project_nonneg: bo
     rank0 = comm.Get_rank() == 0
     inputs = load_solve_inputs(path, use_weights=use_weights and knobs.lambda_weights_enable, comm=comm)
     C, P, n = inputs.C, inputs.P, inputs.n_params
-    _check_options(epochs, lr, c_bands, C, orbit_strength, decorrelate)
+    check_options(epochs, lr, c_bands, C, orbit_strength, decorrelate)
     if not inputs.mask.any():
         raise InputError(f"{lay.MASK}: every pixel is masked; nothing to fit")
     targets = parse_orbit_weights(orbit_weights, C, path)
@@ -518,65 +493,81 @@ def solve_kaczmarz(path, *, epochs: int = 1, lr: float = 1.0, project_nonneg: bo
     x, start = initial_x(path, inputs, warm_start, x0, comm, knobs.eps)
     if project_nonneg:
         x = np.maximum(x, 0.0)
-    x_ref = _read_x_global(path, n, comm, require_exact=False)
+    x_ref = read_x_global(path, n, comm, require_exact=False)
     cfg = ks.StepConfig.from_knobs(knobs, lr=lr, decorrelate=decorrelate, project_nonneg=project_nonneg, block=P)
     grid = Grid.make(comm, C, c_bands)
     polish_enabled = knobs.nnls_enable and project_nonneg and knobs.nnls_prop_per_band > 0
     history = {k: [] for k in ("epoch", "round", "tile", "group", "rmse_before", "rmse", "sum_w")}
     try:
-        with open_h5(path, "r", comm) as f:
+        with open_h5(path, "r", comm) as f, matvec_blas_threads(knobs.blas_threads):
             if lay.COL_ENERGY not in f or f[lay.COL_ENERGY].shape != (C, P):
                 raise InputError(f"{lay.COL_ENERGY}: expected a ({C}, {P}) dataset; rebuild it with "
                                  f"`cubefit_mpi energy {path}`")
             col_energy = np.nan_to_num(np.asarray(f[lay.COL_ENERGY][...], dtype=np.float64))
-            weighted_norms, y_norm = tile_norms(f, inputs, comm)
+            data_w, weighted_norms, y_norm = load_data(f, inputs, comm)
             order = sorted(range(len(inputs.s_tiles)), key=lambda t: (-weighted_norms[t], t))
-            run = _Run(f, inputs, grid, knobs, cfg, col_energy, y_norm, targets, eta)
+            run = _Run(f, inputs, grid, knobs, cfg, col_energy, data_w, y_norm, targets, eta)
             if rank0:
                 _LOG.info("kaczmarz: N=%d (C=%d, P=%d), %d S-tiles, %d S-group(s) x %d c-band(s) on %d rank(s), "
                           "%d epoch(s), lr=%g, start=%s, knobs %s", n, C, P, len(order), grid.n_groups,
                           len(grid.bands), comm.Get_size(), epochs, lr, start, knobs.differing_from_defaults())
-            G = grid.n_groups
-            n_rounds = -(-len(order) // G)
-            step = 0
-            for epoch in range(1, int(epochs) + 1):
-                t_epoch = time.perf_counter()
-                r2_sum = sw_sum = 0.0
-                for r in range(n_rounds):
-                    tiles = [order[r * G + grp] if r * G + grp < len(order) else None for grp in range(G)]
-                    x, records = run.round(x, tiles, polish_enabled)
-                    for grp, tile, before, after, r2n, sw in records:
-                        for key, val in zip(history, (epoch, r, tile, grp, before, after, sw)):
-                            history[key].append(val)
-                        r2_sum, sw_sum = r2_sum + r2n, sw_sum + sw
-                        step += 1
-                        if rank0 and tracker is not None and grp == 0:
-                            tracker.log_rmse(step, epoch, after)
-                    if rank0 and tracker is not None:
-                        tracker.progress(epoch, min((r + 1) * G, len(order)), len(order))
-                epoch_rmse = ks.weighted_rmse(r2_sum, sw_sum)
-                if rank0:
-                    if tracker is not None:
-                        tracker.snapshot(x, epoch, epoch_rmse)
-                    _LOG.info("kaczmarz epoch %d/%d: %d tiles, tile RMSE (after steps) %.6g, polish %d/%d "
-                              "accepted so far%s, %.2fs", epoch, epochs, len(order), epoch_rmse,
-                              run.counts["polish_accepts"], run.counts["polish_calls"],
-                              " in S-group 0" if G > 1 else "", time.perf_counter() - t_epoch)
-            xs = x[None, :] if x_ref is None else np.vstack([x, x_ref])
-            objectives = run.objective(xs, order)
+            run.plan_reads(order, int(epochs))
+            try:
+                x, objectives, epoch_seconds = _iterate(run, x, x_ref, order, int(epochs), polish_enabled, history,
+                                                        tracker)
+            finally:
+                run.close()
     finally:
         grid.free()
     stats = _finish_stats(run, comm, history, objectives, weighted_norms, x, x_ref, C, P)
     stats.update(method="kaczmarz", epochs=int(epochs), lr=float(lr), n_params=n, c_bands=len(grid.bands),
                  s_groups=grid.n_groups, n_ranks=comm.Get_size(), warm_start=start, orbit_strength=eta,
-                 decorrelate=float(decorrelate), seconds=time.perf_counter() - t0)
-    _write_solution(path, x, stats, knobs, comm)
+                 decorrelate=float(decorrelate), seconds=time.perf_counter() - t0,
+                 epoch_seconds=np.asarray(epoch_seconds), read_ahead=bool(run.reader.threaded))
+    write_solution(path, x, stats, knobs, comm)
     if rank0:
         _LOG.info("kaczmarz done: objective %.10g (1/2 chi2), %d tile steps, polish %d/%d accepted%s, %.1fs",
                   stats["objective"], stats["tiles"], stats["polish_accepts"], stats["polish_calls"],
                   "" if "gap_rel" not in stats else f", gap to the exact optimum {stats['gap_rel']:.3g} "
                   f"(relative to the decrease from x=0)", stats["seconds"])
     return x, stats
+
+
+def _iterate(run: _Run, x, x_ref, order: list, epochs: int, polish_enabled: bool, history: dict, tracker):
+    """The epochs, then the objective of the result (and of ``x_ref``).  Collective over comm.
+
+    Returns ``(x, objectives (1 or 2,), seconds per epoch (epochs,))``; appends to ``history``.
+    """
+    rank0 = run.grid.comm.Get_rank() == 0
+    G = run.grid.n_groups
+    n_rounds = -(-len(order) // G)
+    step, epoch_seconds = 0, []
+    for epoch in range(1, epochs + 1):
+        t_epoch = time.perf_counter()
+        r2_sum = sw_sum = 0.0
+        for r in range(n_rounds):
+            tiles = [order[r * G + grp] if r * G + grp < len(order) else None for grp in range(G)]
+            x, records = run.round(x, tiles, polish_enabled)
+            for grp, tile, before, after, r2n, sw in records:
+                for key, val in zip(history, (epoch, r, tile, grp, before, after, sw)):
+                    history[key].append(val)
+                r2_sum, sw_sum = r2_sum + r2n, sw_sum + sw
+                step += 1
+                if rank0 and tracker is not None and grp == 0:
+                    tracker.log_rmse(step, epoch, after)
+            if rank0 and tracker is not None:
+                tracker.progress(epoch, min((r + 1) * G, len(order)), len(order))
+        epoch_rmse = ks.weighted_rmse(r2_sum, sw_sum)
+        epoch_seconds.append(time.perf_counter() - t_epoch)
+        if rank0:
+            if tracker is not None:
+                tracker.snapshot(x, epoch, epoch_rmse)
+            _LOG.info("kaczmarz epoch %d/%d: %d tiles, tile RMSE (after steps) %.6g, polish %d/%d "
+                      "accepted so far%s, %.2fs", epoch, epochs, len(order), epoch_rmse,
+                      run.counts["polish_accepts"], run.counts["polish_calls"],
+                      " in S-group 0" if G > 1 else "", epoch_seconds[-1])
+    xs = x[None, :] if x_ref is None else np.vstack([x, x_ref])
+    return x, run.objective(xs, order), epoch_seconds
 
 
 def _finish_stats(run: _Run, comm, history, objectives, weighted_norms, x, x_ref, C, P) -> dict:

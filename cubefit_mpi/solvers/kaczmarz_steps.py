@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..nnls import nnls_dense
+from .band_design import BandDesign
 
 __all__ = ["StepConfig", "BandStep", "sanitize", "freeze_mask", "blended_denominator",
            "decorrelation_nudge", "backtrack", "trust_scale", "cap_scale", "band_step",
-           "merge_candidates", "polish_width", "pixel_subsample", "polish_solve", "ratio_step",
+           "merge_candidates", "polish_width", "as_band_design", "top_k", "pixel_subsample", "polish_solve", "ratio_step",
            "weighted_rmse"]
 
 
@@ -161,8 +162,9 @@ def decorrelation_nudge(design_w: np.ndarray, direction: np.ndarray, eta: float,
 
     Parameters
     ----------
-    design_w : (n, rows) float64; direction : (n,) float64; eta : float in [0, 1]
-    active : (n,) bool; block : int; flat_rtol : float, relative eigenvalue threshold
+    design_w : (n, rows) float64 or :class:`BandDesign`; direction : (n,) float64
+    eta : float in [0, 1]; active : (n,) bool; block : int; flat_rtol : float, relative
+    eigenvalue threshold
 
     Returns
     -------
@@ -171,13 +173,13 @@ def decorrelation_nudge(design_w: np.ndarray, direction: np.ndarray, eta: float,
     out = np.array(direction, dtype=np.float64, copy=True)
     if eta <= 0.0 or out.size == 0:
         return out
+    design = as_band_design(design_w)
     block = max(1, int(block))
     for start in range(0, out.size, block):
         idx = np.flatnonzero(active[start:start + block]) + start
         if idx.size < 2:
             continue
-        sub = design_w[idx]
-        gram = sub @ sub.T
+        gram = design.gram(idx)
         scale = np.sqrt(np.maximum(np.diag(gram), np.finfo(np.float64).tiny))
         values, vectors = np.linalg.eigh(gram / np.outer(scale, scale))
         flat = vectors[:, values <= flat_rtol * values[-1]]
@@ -232,6 +234,24 @@ def cap_scale(energy_step: float, y_norm: float, tau: float) -> float:
     return limit / size
 
 
+def top_k(score: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest scores, best first, ties by index (O(n), not a full sort).  Local."""
+    n = score.size
+    if k <= 0 or n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if k < n:
+        kth = np.partition(score, n - k)[n - k]           # the k-th largest value
+        idx = np.flatnonzero(score >= kth)                  # ascending: ties stay in index order
+    else:
+        idx = np.arange(n)
+    return idx[np.lexsort((idx, -score[idx]))][:k]
+
+
+def as_band_design(design_w) -> BandDesign:
+    """``design_w`` itself if a :class:`BandDesign`, else a dense ``(n, rows)`` matrix wrapped.  Local."""
+    return design_w if isinstance(design_w, BandDesign) else BandDesign.dense(design_w)
+
+
 def weighted_rmse(r2: float, sum_w: float) -> float:
     """``√(Σ w r² / Σ w)``.  Local."""
     return float(np.sqrt(max(r2, 0.0) / sum_w)) if sum_w > 0 else 0.0
@@ -240,8 +260,8 @@ def weighted_rmse(r2: float, sum_w: float) -> float:
 # ---------------------------------------------------------------------------------------------
 # the band step
 # ---------------------------------------------------------------------------------------------
-def band_step(design_w: np.ndarray, r_w: np.ndarray, x: np.ndarray, energy_ref: np.ndarray,
-              cfg: StepConfig) -> BandStep:
+def band_step(design_w, r_w: np.ndarray, x: np.ndarray, energy_ref: np.ndarray,
+              cfg: StepConfig, energy: np.ndarray | None = None, frozen: np.ndarray | None = None) -> BandStep:
     """One preconditioned, projected, trust-region, backtracked Kaczmarz step of a band.  Local.
 
     1. ``E_j = Σ (√w A_j)²``, ``g_j = ⟨√w A_j, r_w⟩``; columns with tiny ``E`` are frozen.
@@ -257,25 +277,29 @@ def band_step(design_w: np.ndarray, r_w: np.ndarray, x: np.ndarray, energy_ref: 
 
     Parameters
     ----------
-    design_w : (n, rows) float64, sanitised, weighted band design
+    design_w : :class:`BandDesign` or (n, rows) float64, the sanitised weighted band design
     r_w : (rows,) float64, weighted residual of the tile (all bands)
     x : (n,) float64, current values of the band's columns
     energy_ref : (n,) float64, the global column energy scaled to one tile
     cfg : StepConfig
+    energy : (n,) float64, the band's column energy on this tile when already known (it does
+        not change between epochs); computed when None
+    frozen : (n,) bool, ``freeze_mask(energy, …)`` when already known; computed when None
 
     Returns
     -------
     BandStep
     """
-    energy = np.einsum("ij,ij->i", design_w, design_w)
-    grad = design_w @ r_w
-    frozen = freeze_mask(energy, cfg.zero_col_rel, cfg.zero_col_abs)
+    design = as_band_design(design_w)
+    energy = design.energy() if energy is None else energy
+    grad = design.rmatvec(r_w)
+    frozen = freeze_mask(energy, cfg.zero_col_rel, cfg.zero_col_abs) if frozen is None else frozen
     den = blended_denominator(energy, energy_ref, cfg.energy_blend, cfg.eps)
     direction = np.where(frozen, 0.0, cfg.lr * grad / den)
     if cfg.decorrelate > 0.0:
-        direction = decorrelation_nudge(design_w, direction, cfg.decorrelate, ~frozen, cfg.block, cfg.flat_rtol)
+        direction = decorrelation_nudge(design, direction, cfg.decorrelate, ~frozen, cfg.block, cfg.flat_rtol)
     dx = np.maximum(direction, -x) if cfg.project_nonneg else direction
-    dr_w = dx @ design_w
+    dr_w = design.matvec(dx)
     r_norm = float(np.linalg.norm(r_w))
     dr_norm = float(np.linalg.norm(dr_w))
     scale = trust_scale(dr_norm, r_norm, cfg.trust_tau)
@@ -293,8 +317,7 @@ def band_step(design_w: np.ndarray, r_w: np.ndarray, x: np.ndarray, energy_ref: 
             dr_w *= alpha
     movable = ~frozen & ((grad > 0.0) | (x > 0.0)) if cfg.project_nonneg else ~frozen
     score = np.where(movable, grad * grad / den, -np.inf)
-    order = np.lexsort((np.arange(score.size), -score))          # best first, ties by index
-    keep = order[: cfg.n_candidates]
+    keep = top_k(score, cfg.n_candidates)
     keep = keep[np.isfinite(score[keep]) & (score[keep] > 0.0)]
     return BandStep(dx=dx, dr_w=dr_w, alpha=alpha, trust_clipped=scale < 1.0,
                     trust_ratio=alpha * dr_norm / r_norm if r_norm > 0 else 0.0,

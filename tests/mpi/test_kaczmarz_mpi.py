@@ -73,7 +73,8 @@ def test_parallel_equals_serial(pair, weights):
 def test_s_groups_deterministic_and_monotone_per_round(pair):
     par, _ = pair
     x1, st = solve_kaczmarz(str(par), epochs=2, comm=comm, knobs=NO_WEIGHTS, c_bands=1)
-    x2, _ = solve_kaczmarz(str(par), epochs=2, comm=comm, knobs=NO_WEIGHTS, c_bands=1)
+    read_ahead = Knobs.from_env({"CUBEFIT_LAMBDA_WEIGHTS_ENABLE": "0", "CUBEFIT_READ_AHEAD": "1"})
+    x2, _ = solve_kaczmarz(str(par), epochs=2, comm=comm, knobs=read_ahead, c_bands=1)   # reader threads
     assert st["s_groups"] == comm.size and np.array_equal(x1, x2) and _same_everywhere(x1)
     assert np.all(x1 >= 0) and st["tiles"] == 10 and st["polish_calls"] == 10
     keys = list(zip(st["history_epochs"], st["history_rounds"]))
