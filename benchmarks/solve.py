@@ -11,14 +11,17 @@ For each case (medians over --repeat runs):
   * scipy.optimize.nnls on the dense weighted system when it fits in --dense-max-gb, else on
     chol(G) (the same objective);
   * the working-set method forced by CUBEFIT_GRAM_MAX_BYTES: passes and seconds;
-  * the spec's Kaczmarz solver given 10x the exact solve's wall time: its objective gap.
+  * the spec's Kaczmarz solver given 10x the exact solve's wall time: its objective gap;
+  * its time per epoch (one solve of --kz-epochs epochs; the median of the epochs after the
+    first, which also computes the column energies) at 1 and --ranks ranks, against one read of
+    the hypercube by the same ranks (each an equal share of the S-tiles, independent reads, no
+    arithmetic), measured in the same process just before.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -156,6 +159,46 @@ if comm.rank == 0:
             "curve": [(t, (o - exact_objective) / scale) for t, o in curve]}
 
 
+EPOCH_SCRIPT = r"""
+import json, statistics, sys, time
+from mpi4py import MPI
+from cubefit_mpi.hdf5_manager import open_h5, open_uncached, read_block
+from cubefit_mpi.parallel import block_range, tile_bounds
+from cubefit_mpi.solvers.kaczmarz import solve_kaczmarz
+path, epochs, repeat = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+comm = MPI.COMM_WORLD
+
+def one_read():
+    comm.Barrier(); t0 = time.perf_counter()
+    with open_h5(path, "r", comm) as f:
+        d = open_uncached(f, "/HyperCube/models")
+        tiles = tile_bounds(d.shape[0], d.chunks[0])
+        lo, hi = block_range(len(tiles), comm.size, comm.rank)
+        buf = None
+        for a, b in tiles[lo:hi]:
+            buf = read_block(d, (a, 0, 0, 0), (b - a,) + d.shape[1:], collective=False,
+                             out=buf if buf is not None and buf.shape[0] >= b - a else None)
+        comm.Barrier()
+    return time.perf_counter() - t0
+
+floor = statistics.median(one_read() for _ in range(repeat))
+x, stats = solve_kaczmarz(path, epochs=epochs, comm=comm)
+if comm.rank == 0:
+    ep = [float(v) for v in stats["epoch_seconds"]]
+    print("RESULT " + json.dumps({"floor_s": floor, "epoch_s": ep, "read_ahead": stats.get("read_ahead")}))
+"""
+
+
+def kaczmarz_epochs(path, ranks, epochs, repeat) -> dict:
+    cmd = [PY, "-c", EPOCH_SCRIPT, str(path), str(epochs), str(repeat)]
+    if ranks > 1:
+        cmd = ["mpiexec", "-n", str(ranks)] + cmd
+    out = run(cmd, {"CUBEFIT_LOG_LEVEL": "WARNING", "CUBEFIT_LAMBDA_WEIGHTS_ENABLE": "0"})
+    steady = statistics.median(out["epoch_s"][1:]) if len(out["epoch_s"]) > 1 else out["epoch_s"][0]
+    return {"ranks": ranks, "floor_s": out["floor_s"], "first_epoch_s": out["epoch_s"][0], "epoch_s": steady,
+            "epoch_over_floor": steady / out["floor_s"], "read_ahead": out["read_ahead"]}
+
+
 def bench_case(tmp, name, dims, args) -> dict:
     import h5py
 
@@ -179,6 +222,8 @@ def bench_case(tmp, name, dims, args) -> dict:
     ref = dense_reference(path, gram, rhs, args.dense_max_gb)
     ours_obj = 0.5 * (exact[0]["chi2_formula"] - exact[0]["yy"])
     kz = kaczmarz_gap(path, 10 * t_exact, ours_obj, gram, rhs, args.ranks) if args.kaczmarz else None
+    if kz is not None:
+        kz["per_epoch"] = [kaczmarz_epochs(path, r, args.kz_epochs, reps) for r in sorted({1, args.ranks})]
     os.unlink(path)
     return {"case": name, "S": S, "C": C, "P": P, "L": L, "N": n, "ranks": args.ranks,
             "floor_read_s": floor, "floor_blas_s": floor_blas, "exact_s": t_exact,
@@ -206,6 +251,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dense-max-gb", type=float, default=2.0)
     ap.add_argument("--no-kaczmarz", dest="kaczmarz", action="store_false")
+    ap.add_argument("--kz-epochs", type=int, default=6, help="epochs of the time-per-epoch run")
     ap.add_argument("--png", default=None, help="write the Kaczmarz gap-vs-time plot here")
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
@@ -232,6 +278,10 @@ def main():
         if kz is not None:
             print(f"  kaczmarz given 10x the exact time: {kz['epochs']} epochs, relative objective gap "
                   f"{kz['gap_final']:.3e}")
+            for e in kz["per_epoch"]:
+                print(f"  kaczmarz per epoch at {e['ranks']} rank(s): {e['epoch_s']:.3f}s (first {e['first_epoch_s']:.3f}s, "
+                      f"read-ahead {e['read_ahead']}); one read by the same ranks {e['floor_s']:.3f}s: "
+                      f"{e['epoch_over_floor']:.2f}x")
             if args.png:
                 _plot(kz, r, args.png)
 
@@ -250,6 +300,7 @@ def _plot(kz, r, png):
     ax.set_ylabel("relative objective gap")
     ax.set_title(f"{r['case']}: N={r['N']}, {r['ranks']} ranks")
     ax.legend()
+    fig.tight_layout()
     fig.savefig(png, dpi=100)
 
 
