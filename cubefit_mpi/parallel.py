@@ -255,15 +255,6 @@ def agree(value, comm=None, root: int = 0):
     return value if comm.Get_size() == 1 else comm.bcast(value, root=root)
 
 
-def allgather_objects(value, comm=None) -> list:
-    """Every rank's (picklable) ``value``, in rank order, on every rank.  Collective over comm.
-
-    One rank: ``[value]`` without pickling (the solvers call this once per tile).
-    """
-    comm = get_comm(comm)
-    return [value] if comm.Get_size() == 1 else comm.allgather(value)
-
-
 def allgather_array(array, comm=None) -> np.ndarray:
     """``(ranks, *shape)`` float64: every rank's array of the same shape.  Collective over comm."""
     comm = get_comm(comm)

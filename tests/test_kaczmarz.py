@@ -385,3 +385,12 @@ def test_read_ahead_changes_nothing_but_timing(noisy):
     assert np.array_equal(x_on, x_off) and st_on["objective"] == st_off["objective"]
     assert np.array_equal(st_on["rmse_history"], st_off["rmse_history"])
     assert st_on["epoch_seconds"].shape == (2,) and np.all(st_on["epoch_seconds"] > 0)
+
+
+def test_energies_recomputed_when_over_the_cache_budget(noisy, monkeypatch):
+    import cubefit_mpi.solvers.kaczmarz as kz
+
+    x_cached, st_cached = run(noisy, epochs=2)
+    monkeypatch.setattr(kz, "ENERGY_CACHE_BYTES", 0)             # every visit recomputes them
+    x_fresh, st_fresh = run(noisy, epochs=2)
+    assert np.array_equal(x_cached, x_fresh) and st_cached["objective"] == st_fresh["objective"]

@@ -36,7 +36,6 @@ class BandDesign:
             raise ValueError(f"blocks {blocks.shape} do not match sqrt_w {sqrt_w.shape}")
         self.blocks = blocks
         self.sqrt_w = np.asarray(sqrt_w, dtype=np.float64)
-        self._sw = self.sqrt_w.astype(blocks.dtype)
         self._w = (self.sqrt_w * self.sqrt_w).astype(blocks.dtype)
 
     @classmethod

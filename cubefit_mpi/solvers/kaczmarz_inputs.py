@@ -139,7 +139,3 @@ def check_options(epochs, lr, c_bands, n_comp, orbit_strength, decorrelate) -> N
     if not 0.0 <= decorrelate <= 1.0:
         raise InputError(f"decorrelate={decorrelate}: expected 0 <= value <= 1")
 
-
-# ---------------------------------------------------------------------------------------------
-# the entry point
-# ---------------------------------------------------------------------------------------------
