@@ -31,7 +31,7 @@ PY = sys.executable
 RANK_SCRIPT = r"""
 import json, resource, sys, time
 from mpi4py import MPI
-from cubefit_mpi.hypercube_builder import build_hypercube
+from cubefit_mpi.stages.build import build_hypercube
 path = sys.argv[1]
 comm = MPI.COMM_WORLD
 comm.Barrier(); t0 = time.perf_counter()
@@ -58,7 +58,7 @@ def naive_per_pair(path: Path, n_pairs: int) -> float:
     import h5py
     from scipy.signal import fftconvolve
 
-    from cubefit_mpi.kernels import interpolation_matrix, unit_kernels
+    from cubefit_mpi.numerics.kernels import interpolation_matrix, unit_kernels
 
     with h5py.File(path, "r") as f:
         templates = f["/Templates"][...]
@@ -118,9 +118,9 @@ def main():
     ap.add_argument("--naive-pairs", type=int, default=6)
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args()
-    from cubefit_mpi.convolve import FFTConvolver
-    from cubefit_mpi.kernels import interpolation_matrix
-    from cubefit_mpi.mock import MockSpec, make_grids
+    from cubefit_mpi.numerics.convolve import FFTConvolver
+    from cubefit_mpi.numerics.kernels import interpolation_matrix
+    from cubefit_mpi.numerics.synthetic_galaxy import MockSpec, make_grids
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)

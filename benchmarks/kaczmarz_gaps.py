@@ -15,12 +15,12 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from cubefit_mpi.hypercube_builder import build_hypercube
-from cubefit_mpi.knobs import Knobs
-from cubefit_mpi.mock import MockSpec
-from cubefit_mpi.mock_galaxy import make_mock
+from cubefit_mpi.config.knobs import Knobs
+from cubefit_mpi.numerics.synthetic_galaxy import MockSpec
 from cubefit_mpi.solvers.exact import solve_exact
-from cubefit_mpi.solvers.kaczmarz import solve_kaczmarz
+from cubefit_mpi.solvers.kaczmarz.solver import solve_kaczmarz
+from cubefit_mpi.stages.build import build_hypercube
+from cubefit_mpi.stages.mock import make_mock
 
 SELF = MPI.COMM_SELF
 SETTINGS = [  # (label, knobs, solver keywords, epochs)

@@ -130,13 +130,13 @@ def dense_reference(path, gram, rhs, dense_max_gb) -> dict:
 
 def kaczmarz_gap(path, budget_s, exact_objective, gram, rhs, ranks) -> dict | None:
     try:
-        import cubefit_mpi.solvers.kaczmarz  # noqa: F401
+        import cubefit_mpi.solvers.kaczmarz.solver  # noqa: F401
     except ImportError:
         return None
     script = r"""
 import json, sys, time
 from mpi4py import MPI
-from cubefit_mpi.solvers.kaczmarz import solve_kaczmarz
+from cubefit_mpi.solvers.kaczmarz.solver import solve_kaczmarz
 path, budget = sys.argv[1], float(sys.argv[2])
 comm = MPI.COMM_WORLD
 t0 = time.perf_counter(); epochs = 0; x = None; hist = []
@@ -162,9 +162,10 @@ if comm.rank == 0:
 EPOCH_SCRIPT = r"""
 import json, statistics, sys, time
 from mpi4py import MPI
-from cubefit_mpi.hdf5_manager import open_h5, open_uncached, read_block
-from cubefit_mpi.parallel import block_range, tile_bounds
-from cubefit_mpi.solvers.kaczmarz import solve_kaczmarz
+from cubefit_mpi.io.h5file import open_h5, open_uncached
+from cubefit_mpi.io.blocks import read_block
+from cubefit_mpi.parallel.decomposition import block_range, tile_bounds
+from cubefit_mpi.solvers.kaczmarz.solver import solve_kaczmarz
 path, epochs, repeat = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 comm = MPI.COMM_WORLD
 
@@ -287,8 +288,8 @@ def main():
 
 
 def _plot(kz, r, png):
-    from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 4))
     FigureCanvasAgg(fig)

@@ -5,15 +5,15 @@ available lazily::
 
     from cubefit_mpi import H5Manager, H5Dims
 """
-__version__ = "0.1.0"
+from .config.version import VERSION as __version__
 
 _LAZY = {
-    "H5Manager": ("hdf5_manager", "H5Manager"),
-    "open_h5": ("hdf5_manager", "open_h5"),
-    "H5Dims": ("layout", "H5Dims"),
-    "InputError": ("errors", "InputError"),
-    "MockSpec": ("mock", "MockSpec"),
-    "make_mock": ("mock_galaxy", "make_mock"),
+    "H5Manager": ("io.manager", "H5Manager"),
+    "open_h5": ("io.h5file", "open_h5"),
+    "H5Dims": ("io.layout", "H5Dims"),
+    "InputError": ("config.errors", "InputError"),
+    "MockSpec": ("numerics.synthetic_galaxy", "MockSpec"),
+    "make_mock": ("stages.mock", "make_mock"),
 }
 
 

@@ -31,8 +31,8 @@ def small_mock(tmp_path_factory):
     """A noise-free small galaxy (S=60, C=2, P=6, L=120), made serially once."""
     from mpi4py import MPI
 
-    from cubefit_mpi.mock import MockSpec
-    from cubefit_mpi.mock_galaxy import make_mock
+    from cubefit_mpi.numerics.synthetic_galaxy import MockSpec
+    from cubefit_mpi.stages.mock import make_mock
 
     path = tmp_path_factory.mktemp("mock") / "small.h5"
     make_mock(str(path), MockSpec(spaxels=60, components=2, populations=6, wavelengths=120, seed=3,

@@ -7,7 +7,7 @@ spectral WCS, a few all-NaN spaxels, one bad channel and one bad pixel), a pPXF-
 The cube is made so that, after ``ingest`` (documented grid rules, per-Å flux density), the
 observed spectra equal -- to rounding -- what the builder computes from the ingested templates
 and LOSVDs with ``x_true`` (norm "model", amplitude "sum").  Everything is computed here
-independently of :mod:`cubefit_mpi.logrebin`:
+independently of :mod:`cubefit_mpi.numerics.rebin`:
 
 * the templates' ln λ grid version is taken from the cumulative flux ``F(λ)`` of the fine
   linear spectra (piecewise linear, so interpolating it at the new edges is exact);
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cubefit_mpi.convolve import convolve_direct
-from cubefit_mpi.kernels import interpolation_matrix, losvd_amplitude, unit_kernels
-from cubefit_mpi.mock import component_params, make_losvd, make_templates, make_x_true
+from cubefit_mpi.numerics.convolve import convolve_direct
+from cubefit_mpi.numerics.kernels import interpolation_matrix, losvd_amplitude, unit_kernels
+from cubefit_mpi.numerics.synthetic_galaxy import component_params, make_losvd, make_templates, make_x_true
 
 C_KMS = 299792.458
 

@@ -8,15 +8,18 @@ import time
 import h5py
 import numpy as np
 import pytest
+from conftest import PYTHON, file_bytes, run_cli
 from mpi4py import MPI
 
-from conftest import PYTHON, file_bytes, run_cli
 from cubefit_mpi import H5Dims, H5Manager, InputError
-from cubefit_mpi.convolve import convolve_direct
-from cubefit_mpi.hypercube_builder import build_hypercube, default_chunks
-from cubefit_mpi.hypercube_utils import convert_hypercube_norm, invalidate_tiles, recompress, recompute_col_energy
-from cubefit_mpi.kernels import interpolation_matrix, losvd_amplitude, shift_to_velocity, unit_kernels
-from cubefit_mpi.layout import SPEED_OF_LIGHT_KMS
+from cubefit_mpi.io.datasets import default_chunks
+from cubefit_mpi.numerics.constants import SPEED_OF_LIGHT_KMS
+from cubefit_mpi.numerics.convolve import convolve_direct
+from cubefit_mpi.numerics.kernels import interpolation_matrix, losvd_amplitude, shift_to_velocity, unit_kernels
+from cubefit_mpi.stages.build import build_hypercube
+from cubefit_mpi.stages.hypercube_maintenance import (
+    convert_hypercube_norm, invalidate_tiles, recompress, recompute_col_energy
+)
 
 SELF = MPI.COMM_SELF
 
@@ -300,16 +303,14 @@ def test_sigkill_of_mpiexec_build_then_resume(tmp_path):
 
 def test_checkpoint_interval_delays_done_bits(small_mock, tmp_path, monkeypatch):
     """With a long checkpoint interval the done bits are written once, at the end, all together."""
-    from cubefit_mpi import knobs as knobs_module
+    from cubefit_mpi.config import knobs as knobs_module
     path = tmp_path / "c.h5"
     shutil.copy(small_mock, path)
     monkeypatch.setenv("CUBEFIT_BUILD_CHECKPOINT_SEC", "3600")
-    knobs_module._CACHE.clear()
-    import cubefit_mpi.hypercube_builder as hb
+    import cubefit_mpi.stages.build as hb
     calls = []
     real = hb.write_block
     monkeypatch.setattr(hb, "write_block", lambda d, o, b: (calls.append(d.name), real(d, o, b)))
     out = build_hypercube(str(path), S_chunk=6, comm=SELF)
-    knobs_module._CACHE.clear()
     assert out["units_built"] == 10 and out["complete"]
     assert calls.count("/HyperCube/_done") == 1 and calls.count("/HyperCube/models") == 10

@@ -5,8 +5,8 @@ from conftest import PYTHON, run_cli
 
 
 def test_help_and_import_do_not_start_mpi():
-    code = ("import sys, cubefit_mpi, cubefit_mpi.cli as c; c.build_parser(); "
-            "import cubefit_mpi.hdf5_manager, cubefit_mpi.parallel; "
+    code = ("import sys, cubefit_mpi, cubefit_mpi.cli.main as c; c.build_parser(); "
+            "import cubefit_mpi.io.h5file, cubefit_mpi.parallel.comm; "
             "print('mpi4py.MPI' in sys.modules)")
     out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -1,8 +1,8 @@
 """The manual and the code agree: every knob and every CLI command is documented."""
 from pathlib import Path
 
-from cubefit_mpi.cli import build_parser
-from cubefit_mpi.knobs import knob_table
+from cubefit_mpi.cli.main import build_parser
+from cubefit_mpi.config.knobs import knob_table
 
 ROOT = Path(__file__).resolve().parents[1]
 MANUAL = (ROOT / "docs" / "CubeFit.md").read_text()

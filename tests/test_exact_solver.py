@@ -7,16 +7,16 @@ import h5py
 import numpy as np
 import pytest
 import scipy.optimize
+from conftest import file_bytes, run_cli
 from mpi4py import MPI
 
-from conftest import file_bytes, run_cli
-from cubefit_mpi import knobs as knobs_module
-from cubefit_mpi.errors import InputError
-from cubefit_mpi.hypercube_builder import build_hypercube
-from cubefit_mpi.mock import MockSpec
-from cubefit_mpi.mock_galaxy import make_mock
-from cubefit_mpi.regularization import difference_operator, orbit_factor
+from cubefit_mpi.config import knobs as knobs_module
+from cubefit_mpi.config.errors import InputError
+from cubefit_mpi.numerics.regularization import difference_operator, orbit_factor
+from cubefit_mpi.numerics.synthetic_galaxy import MockSpec
 from cubefit_mpi.solvers.exact import solve_exact
+from cubefit_mpi.stages.build import build_hypercube
+from cubefit_mpi.stages.mock import make_mock
 
 SELF = MPI.COMM_SELF
 
@@ -25,9 +25,7 @@ SELF = MPI.COMM_SELF
 def no_auto_weights(monkeypatch):
     """Unweighted unless a test asks (weights are tested in their own module)."""
     monkeypatch.setenv("CUBEFIT_LAMBDA_WEIGHTS_ENABLE", "0")
-    knobs_module._CACHE.clear()
     yield
-    knobs_module._CACHE.clear()
 
 
 def make_case(tmp_path, name="case.h5", mutate=None, **spec):
@@ -143,7 +141,6 @@ def test_weights_ridge_smoothness_and_orbit_terms(tmp_path, monkeypatch):
         f["/HyperCube/lambda_weights"] = w
         pop_shape = tuple(f["/Templates"].attrs["pop_shape"])
     monkeypatch.setenv("CUBEFIT_LAMBDA_WEIGHTS_ENABLE", "1")
-    knobs_module._CACHE.clear()
     design, target = dense_system(path, weights=w)
     n = design.shape[1]
     ridge, regul, mu = 50.0, 300.0, 2e4
@@ -174,7 +171,7 @@ def test_cache_reused_and_stale_cache_detected(tmp_path):
         f["/DataCube"][0, 0] = f["/DataCube"][0, 0] + 1.0
     _, s3 = solve_exact(str(path), comm=SELF)
     assert not s3["from_cache"]
-    from cubefit_mpi.hypercube_utils import convert_hypercube_norm
+    from cubefit_mpi.stages.hypercube_maintenance import convert_hypercube_norm
     convert_hypercube_norm(str(path), "data", comm=SELF)   # other models: stale again
     _, s4 = solve_exact(str(path), comm=SELF)
     assert not s4["from_cache"]
@@ -184,7 +181,6 @@ def test_working_set_equals_full_gram(tmp_path, monkeypatch):
     path = make_case(tmp_path, populations=12, components=3, snr=30.0)
     x_full, s_full = solve_exact(str(path), comm=SELF)
     monkeypatch.setenv("CUBEFIT_GRAM_MAX_BYTES", str(8 * 36 * 30))
-    knobs_module._CACHE.clear()
     x_ws, s_ws = solve_exact(str(path), comm=SELF)
     assert s_ws["method"] == "exact-working-set" and s_ws["kkt.ok"] and s_ws["passes"] >= 2
     assert s_ws["objective"] == pytest.approx(s_full["objective"], rel=1e-9)
@@ -197,7 +193,7 @@ def _short_weights(path):
 
 
 def _incomplete(path):
-    from cubefit_mpi.hypercube_utils import invalidate_tiles
+    from cubefit_mpi.stages.hypercube_maintenance import invalidate_tiles
     invalidate_tiles(str(path), "5:9", comm=SELF)
 
 

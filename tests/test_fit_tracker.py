@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from cubefit_mpi.cli_weights import format_progress, register, watch
-from cubefit_mpi.errors import InputError
-from cubefit_mpi.fit_tracker import (FitTracker, find_sidecars, latest_snapshot, open_sidecar, read_history,
-                                     read_progress, sidecar_path)
+from cubefit_mpi.cli.watch import register
+from cubefit_mpi.config.errors import InputError
+from cubefit_mpi.io.tracker_sidecar import (
+    find_sidecars, latest_snapshot, open_sidecar, read_history, read_progress, sidecar_path
+)
+from cubefit_mpi.stages.tracker import FitTracker
+from cubefit_mpi.stages.watch import format_progress, watch
 
 SELF = MPI.COMM_SELF
 
@@ -149,7 +152,7 @@ SOLVER = textwrap.dedent("""
     import sys, time
     import numpy as np
     from mpi4py import MPI
-    from cubefit_mpi.fit_tracker import FitTracker
+    from cubefit_mpi.stages.tracker import FitTracker
 
     if __name__ == "__main__":
         tracker = FitTracker(sys.argv[1], comm=MPI.COMM_SELF, method="fake", n_params=7)

@@ -13,29 +13,17 @@ from conftest import PYTHON, run_cli
 from ingest_fixtures import cumulative_rebin_matrix, write_muse_like_inputs
 from mpi4py import MPI
 
-from cubefit_mpi import logrebin
-from cubefit_mpi.errors import InputError
-from cubefit_mpi.ingest import IngestOptions, run_ingest
-from cubefit_mpi.pipeline_config import init_config_text, load_config, validate_config
-from cubefit_mpi.rebin import pixel_edges, rebin_operator
-from cubefit_mpi.validation import check_grid
-
-# runs the real cli.main with ingest/init-config registered (until cli.py wires cli_ingest itself)
-SHIM = ("import sys, cubefit_mpi.cli as c\n"
-        "if 'cli_ingest' not in c.CLI_MODULES:\n"
-        "    c.CLI_MODULES = tuple(c.CLI_MODULES) + ('cli_ingest',)\n"
-        "sys.argv = ['cubefit_mpi'] + sys.argv[1:]\n"
-        "c.run()\n")
+from cubefit_mpi.config.errors import InputError
+from cubefit_mpi.io.validation import check_grid
+from cubefit_mpi.numerics import rebin, wavelength_grids
+from cubefit_mpi.numerics.rebin import rebin_operator
+from cubefit_mpi.numerics.wavelength_grids import pixel_edges
+from cubefit_mpi.pipeline.config import init_config_text, load_config, validate_config
+from cubefit_mpi.stages.ingest import IngestOptions, run_ingest
 
 
 def cli(*args, np_ranks=None):
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPIR_", "HYDRA"))}
-    cmd = [PYTHON, "-m", "mpi4py", "-c", SHIM, *map(str, args)]
-    if np_ranks:
-        cmd = ["mpiexec", "-n", str(np_ranks), *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    return run_cli(*args, np_ranks=np_ranks, timeout=120)
 
 
 def opts_for(fx, **kw):
@@ -64,8 +52,8 @@ def test_logrebin_conserves_flux_of_random_spectrum():
     lam_edges = 4800.0 + 1.25 * np.arange(401)                      # linear λ pixels
     f = rng.normal(10.0, 3.0, 400)                                   # per Å
     in_edges = np.log(lam_edges)
-    out_edges = logrebin.uniform_log_edges(in_edges[0] + 3e-4, in_edges[-1] - 2e-4, 77.0 / 299792.458)
-    op = logrebin.overlap_rebin(in_edges, out_edges, measure="lambda")
+    out_edges = wavelength_grids.uniform_log_edges(in_edges[0] + 3e-4, in_edges[-1] - 2e-4, 77.0 / 299792.458)
+    op = rebin.overlap_rebin(in_edges, out_edges, measure="lambda")
     out = op.apply(f)
     covered = np.diff(np.interp(np.exp(out_edges[[0, -1]]), lam_edges,
                                 np.concatenate(([0.0], np.cumsum(f * 1.25)))))[0]
@@ -83,26 +71,26 @@ def test_logrebin_conserves_flux_of_random_spectrum():
     bad = np.isnan(op.apply(g))
     np.testing.assert_array_equal(bad, M[:, 123] > 0)
     # per unit ln λ: ∫ f dλ = Σ out_j Δlnλ_j
-    per_ln = op.scaled(logrebin.per_lnlambda_factor(out_edges)).apply(f)
+    per_ln = op.scaled(rebin.per_lnlambda_factor(out_edges)).apply(f)
     assert abs(np.sum(per_ln * np.diff(out_edges)) - covered) <= 1e-10 * abs(covered)
 
 
 def test_lnlambda_measure_is_the_R_T_overlap_operator():
     tem = 8.4 + 1e-4 * np.arange(300)
     obs = tem[40:260:3] + 3e-5
-    op = logrebin.overlap_rebin(pixel_edges(tem), pixel_edges(obs), measure="lnlambda")
+    op = rebin.overlap_rebin(pixel_edges(tem), pixel_edges(obs), measure="lnlambda")
     np.testing.assert_allclose(op.to_sparse().toarray(), rebin_operator(tem, obs).toarray(), atol=1e-14)
 
 
 def test_grid_helpers():
-    edges = logrebin.template_edges(np.log(4800.0) + 1e-4 * np.arange(51), 3, 500.0)
-    check_grid(logrebin.centres(edges), "/TemPix", uniform=True)
-    guard = logrebin.guard_pixels(500.0, 1e-4 / 3, 3)
+    edges = wavelength_grids.template_edges(np.log(4800.0) + 1e-4 * np.arange(51), 3, 500.0)
+    check_grid(wavelength_grids.centres(edges), "/TemPix", uniform=True)
+    guard = wavelength_grids.guard_pixels(500.0, 1e-4 / 3, 3)
     np.testing.assert_allclose(edges[guard::3][:51], np.log(4800.0) + 1e-4 * np.arange(51), atol=1e-12)
     assert guard * 1e-4 / 3 >= -math.log1p(-500.0 / 299792.458)
-    _, kind = logrebin.edges_from_centres(np.exp(8.5 + 1e-4 * np.arange(10)))
+    _, kind = wavelength_grids.edges_from_centres(np.exp(8.5 + 1e-4 * np.arange(10)))
     assert kind == "log"
-    mask = logrebin.range_mask(np.log([10.0, 11.0, 12.0, 13.0]), [(11.5, 11.6)])
+    mask = wavelength_grids.range_mask(np.log([10.0, 11.0, 12.0, 13.0]), [(11.5, 11.6)])
     np.testing.assert_array_equal(mask, [False, True, False])
 
 
@@ -129,8 +117,8 @@ def test_grids_templates_and_populations(unbinned):
     fx, _, got = unbinned
     check_grid(got["ObsPix"], "/ObsPix", uniform=True)
     check_grid(got["TemPix"], "/TemPix", uniform=True)
-    np.testing.assert_allclose(got["ObsPix"], logrebin.centres(fx["obs_edges"]), atol=1e-13)
-    np.testing.assert_allclose(got["TemPix"], logrebin.centres(fx["tem_edges"]), atol=1e-12)
+    np.testing.assert_allclose(got["ObsPix"], wavelength_grids.centres(fx["obs_edges"]), atol=1e-13)
+    np.testing.assert_allclose(got["TemPix"], wavelength_grids.centres(fx["tem_edges"]), atol=1e-12)
     np.testing.assert_allclose(np.diff(got["ObsPix"]) * 299792.458, fx["velscale"], rtol=1e-9)
     np.testing.assert_allclose(got["Templates"], fx["tem_T"], rtol=1e-10, atol=1e-12)
     assert tuple(got["attrs/Templates"]["pop_shape"]) == fx["pop_shape"] == (3, 2)
@@ -235,7 +223,7 @@ def test_log_cube_is_kept_and_fits_template_directory(tmp_path):
     from astropy.io import fits
 
     fx = write_muse_like_inputs(tmp_path, nan_spaxels=(), bad_channel=None, bad_pixel=None, ny=3, nx=4)
-    obs_c = logrebin.centres(fx["obs_edges"])
+    obs_c = wavelength_grids.centres(fx["obs_edges"])
     dln = obs_c[1] - obs_c[0]
     hdr = fits.Header()
     for k, v in (("CTYPE3", "WAVE-LOG"), ("CUNIT3", "Angstrom"), ("CRPIX3", 1.0), ("CRVAL3", math.exp(obs_c[0])),

@@ -8,13 +8,13 @@ import pytest
 import scipy.optimize
 from mpi4py import MPI
 
-from cubefit_mpi.errors import InputError
-from cubefit_mpi.hypercube_builder import build_hypercube
-from cubefit_mpi.knobs import Knobs
-from cubefit_mpi.mock import MockSpec
-from cubefit_mpi.mock_galaxy import make_mock
-from cubefit_mpi.solvers import kaczmarz_steps as ks
-from cubefit_mpi.solvers.kaczmarz import solve_kaczmarz
+from cubefit_mpi.config.errors import InputError
+from cubefit_mpi.config.knobs import Knobs
+from cubefit_mpi.numerics.synthetic_galaxy import MockSpec
+from cubefit_mpi.solvers.kaczmarz import steps as ks
+from cubefit_mpi.solvers.kaczmarz.solver import solve_kaczmarz
+from cubefit_mpi.stages.build import build_hypercube
+from cubefit_mpi.stages.mock import make_mock
 
 SELF = MPI.COMM_SELF
 BASE = {"CUBEFIT_LAMBDA_WEIGHTS_ENABLE": "0"}
@@ -129,7 +129,7 @@ def test_noisy_gap_is_reported(noisy):
 
 
 def test_weighted_objective_with_lambda_weights(clean):
-    from cubefit_mpi.lambda_weights_stage import ensure_lambda_weights
+    from cubefit_mpi.stages.weights import ensure_lambda_weights
 
     weights = ensure_lambda_weights(str(clean), comm=SELF)
     assert weights.min() < 1.0
@@ -313,7 +313,7 @@ def test_warm_starts(clean, monkeypatch, caplog):
 
 
 def test_resume_start(clean, monkeypatch, caplog):
-    import cubefit_mpi.fit_tracker as ft
+    import cubefit_mpi.io.tracker_sidecar as ft
 
     monkeypatch.setattr(ft, "latest_snapshot", lambda path, n_params=None: None)
     with caplog.at_level(logging.WARNING, logger="cubefit_mpi.solve"):
@@ -388,7 +388,7 @@ def test_read_ahead_changes_nothing_but_timing(noisy):
 
 
 def test_energies_recomputed_when_over_the_cache_budget(noisy, monkeypatch):
-    import cubefit_mpi.solvers.kaczmarz as kz
+    import cubefit_mpi.solvers.kaczmarz.solver as kz
 
     x_cached, st_cached = run(noisy, epochs=2)
     monkeypatch.setattr(kz, "ENERGY_CACHE_BYTES", 0)             # every visit recomputes them

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from cubefit_mpi.knobs import Knobs
-from cubefit_mpi.solvers import kaczmarz_steps as ks
-from cubefit_mpi.solvers.band_design import BandDesign
+from cubefit_mpi.config.knobs import Knobs
+from cubefit_mpi.solvers.kaczmarz import steps as ks
+from cubefit_mpi.solvers.kaczmarz.band_design import BandDesign
 
 
 def _problem(n=6, rows=200, seed=0, correlated=False):

@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
 
-from cubefit_mpi.convolve import convolve_direct
-from cubefit_mpi.kernels import (interpolation_matrix, kernel_shifts, losvd_amplitude, shift_to_velocity,
-                                 unit_kernels, velocity_to_shift)
-from cubefit_mpi.layout import SPEED_OF_LIGHT_KMS as C_KMS
+from cubefit_mpi.numerics.constants import SPEED_OF_LIGHT_KMS as C_KMS
+from cubefit_mpi.numerics.convolve import convolve_direct
+from cubefit_mpi.numerics.kernels import (
+    interpolation_matrix, kernel_shifts, losvd_amplitude, shift_to_velocity, unit_kernels, velocity_to_shift
+)
 
 DLN = 30.0 / C_KMS   # 30 km/s template pixels
 

@@ -1,7 +1,7 @@
 import pytest
 
-from cubefit_mpi.errors import InputError, KnobError
-from cubefit_mpi.knobs import Knobs, knob_table
+from cubefit_mpi.config.errors import InputError, KnobError
+from cubefit_mpi.config.knobs import Knobs, knob_table
 
 SPEC_DEFAULTS = {
     "CUBEFIT_RDCC_NSLOTS": 400003, "CUBEFIT_RDCC_NBYTES": 4294967296, "CUBEFIT_RDCC_W0": 0.9,
@@ -66,7 +66,7 @@ def test_jobscript_variables_are_not_knobs():
 
 
 def test_mpiio_hints_parse():
-    from cubefit_mpi.hdf5_manager import mpiio_info
+    from cubefit_mpi.io.h5file import mpiio_info
 
     info = mpiio_info("romio_cb_write=disable, romio_cb_read=enable")
     assert info.Get("romio_cb_write") == "disable" and info.Get("romio_cb_read") == "enable"

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from cubefit_mpi import lambda_weights as lw
-from cubefit_mpi.cli_weights import register
-from cubefit_mpi.errors import InputError
-from cubefit_mpi.lambda_weights_stage import (ensure_lambda_weights, median_spectrum, read_lambda_weights,
-                                              weights_banner)
-from cubefit_mpi.mock import MockSpec
-from cubefit_mpi.mock_galaxy import make_mock
+from cubefit_mpi.cli.weights import register
+from cubefit_mpi.config.errors import InputError
+from cubefit_mpi.numerics import lambda_weights as lw
+from cubefit_mpi.numerics.synthetic_galaxy import MockSpec
+from cubefit_mpi.stages.mock import make_mock
+from cubefit_mpi.stages.weights import ensure_lambda_weights, median_spectrum, read_lambda_weights, weights_banner
 
 SELF = MPI.COMM_SELF
 

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from cubefit_mpi.mock import MockModel, MockSpec, make_grids, pop_grid_shape
-from cubefit_mpi.rebin import rebin_operator
-from cubefit_mpi.validation import check_grids
+from cubefit_mpi.io.validation import check_grids
+from cubefit_mpi.numerics.rebin import rebin_operator
+from cubefit_mpi.numerics.synthetic_galaxy import MockModel, MockSpec, make_grids, pop_grid_shape
 
 
 def model(**kw):

@@ -4,11 +4,10 @@ import time
 
 import h5py
 import numpy as np
-
 from conftest import PYTHON, run_cli
 
 FAIL_ON_RANK_1 = """
-from cubefit_mpi.parallel import get_comm, install_abort_excepthook
+from cubefit_mpi.parallel.comm import get_comm, install_abort_excepthook
 comm = get_comm()
 install_abort_excepthook(comm)
 if comm.rank == 1:
@@ -60,7 +59,8 @@ def test_build_identical_at_1_and_4_ranks(tmp_path):
 
 BLAS_THREADS = """
 from threadpoolctl import threadpool_info
-from cubefit_mpi.parallel import get_comm, limit_blas_threads
+from cubefit_mpi.parallel.comm import get_comm
+from cubefit_mpi.parallel.threads import limit_blas_threads
 comm = get_comm()
 applied = limit_blas_threads(comm)
 threads = sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})

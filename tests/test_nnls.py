@@ -1,4 +1,4 @@
-"""Tests for cubefit_mpi.nnls (local NNLS solvers and KKT certificate)."""
+"""Tests for cubefit_mpi.numerics.nnls (local NNLS solvers and KKT certificate)."""
 
 import itertools
 
@@ -7,14 +7,9 @@ import pytest
 import scipy.linalg
 import scipy.optimize
 
-from cubefit_mpi.nnls import (
-    KKTCertificate,
-    NNLSResult,
-    _PassiveCholesky,
-    kkt_certificate,
-    nnls_dense,
-    nnls_gram,
-)
+from cubefit_mpi.numerics.certificate import KKTCertificate, kkt_certificate
+from cubefit_mpi.numerics.nnls import NNLSResult, _PassiveCholesky, nnls_gram
+from cubefit_mpi.numerics.nnls_dense import nnls_dense
 
 
 # ---------------------------------------------------------------------------

@@ -3,7 +3,6 @@ astronomer's files, recovering the truth, resuming, and rejecting bad configurat
 import h5py
 import numpy as np
 import yaml
-
 from conftest import run_cli
 from ingest_fixtures import write_muse_like_inputs
 

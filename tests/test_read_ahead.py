@@ -3,9 +3,10 @@ import h5py
 import numpy as np
 import pytest
 
-from cubefit_mpi import parallel as par
-from cubefit_mpi.hdf5_manager import is_parallel, open_h5, read_block
-from cubefit_mpi.read_ahead import ReadAhead
+from cubefit_mpi.io.blocks import read_block
+from cubefit_mpi.io.h5file import is_parallel, open_h5
+from cubefit_mpi.io.read_ahead import ReadAhead
+from cubefit_mpi.parallel import launcher, threads
 
 
 @pytest.fixture
@@ -68,7 +69,7 @@ def test_read_block_into_a_buffer(cube):
 def test_matvec_blas_threads_limits_to_one_unless_told(monkeypatch):
     from threadpoolctl import threadpool_info
 
-    for var in par._THREAD_VARS:
+    for var in launcher.THREAD_VARIABLES:
         monkeypatch.delenv(var, raising=False)
 
     def blas_threads():
@@ -79,11 +80,11 @@ def test_matvec_blas_threads_limits_to_one_unless_told(monkeypatch):
     with threadpool_limits(limits=2, user_api="blas"):
         if blas_threads() != {2}:
             pytest.skip("this BLAS cannot run 2 threads here")
-        with par.matvec_blas_threads(0):
+        with threads.matvec_blas_threads(0):
             assert blas_threads() == {1}
         assert blas_threads() == {2}                 # restored after the block
-        with par.matvec_blas_threads(2):             # CUBEFIT_BLAS_THREADS given: left alone
+        with threads.matvec_blas_threads(2):             # CUBEFIT_BLAS_THREADS given: left alone
             assert blas_threads() == {2}
     monkeypatch.setenv("OMP_NUM_THREADS", "2")       # set by the launcher: left alone
-    with threadpool_limits(limits=2, user_api="blas"), par.matvec_blas_threads(0):
+    with threadpool_limits(limits=2, user_api="blas"), threads.matvec_blas_threads(0):
         assert blas_threads() == {2}

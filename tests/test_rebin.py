@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from cubefit_mpi.rebin import pixel_edges, rebin_operator
+from cubefit_mpi.numerics.rebin import rebin_operator
+from cubefit_mpi.numerics.wavelength_grids import pixel_edges
 
 
 def grids(oversample=3, n_obs=50, offset=0.37):

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from cubefit_mpi.errors import InputError
-from cubefit_mpi.recon import (active_blocks, contract_block, model_rows, reconstruct,
-                               residual_stats)
+from cubefit_mpi.config.errors import InputError
+from cubefit_mpi.numerics.reconstruction import active_blocks, contract_block, residual_stats
+from cubefit_mpi.stages.recon import model_rows, reconstruct
 
 SELF = MPI.COMM_SELF
 PYTHON = sys.executable     # (tests/mpi imports this module, where `conftest` is tests/mpi/conftest.py)
@@ -305,7 +305,7 @@ def write_sidecar(path, n=120, rmse_scale=1.0):
 
 
 def test_all_plots_are_valid_pngs(fit_file, tmp_path):
-    from cubefit_mpi.plots import make_plots
+    from cubefit_mpi.stages.plots import make_plots
 
     add_fit(fit_file)
     with h5py.File(fit_file, "r+") as f:
@@ -326,7 +326,7 @@ def test_all_plots_are_valid_pngs(fit_file, tmp_path):
 
 
 def test_best_and_worst_are_ranked_by_rmse():
-    from cubefit_mpi.plots import masked_spans, select_best_worst
+    from cubefit_mpi.stages.plots import masked_spans, select_best_worst
 
     best, worst = select_best_worst(np.array([3.0, np.nan, 1.0, 5.0, 2.0]), 2)
     assert best.tolist() == [2, 4] and worst.tolist() == [3, 0]
@@ -335,7 +335,7 @@ def test_best_and_worst_are_ranked_by_rmse():
 
 
 def test_plots_without_recon_or_pop_shape_or_sidecar(fit_file, tmp_path):
-    from cubefit_mpi.plots import make_plots
+    from cubefit_mpi.stages.plots import make_plots
 
     add_fit(fit_file)
     with h5py.File(fit_file, "r+") as f:
@@ -372,7 +372,7 @@ def _rows_read(reads, name):
 
 
 def test_plots_read_only_the_rows_they_draw(fit_file, tmp_path, monkeypatch):
-    from cubefit_mpi.plots import make_plots
+    from cubefit_mpi.stages.plots import make_plots
 
     add_fit(fit_file)
     reconstruct(fit_file, comm=SELF)
@@ -394,7 +394,7 @@ def test_plots_read_only_the_rows_they_draw(fit_file, tmp_path, monkeypatch):
 
 
 def test_plot_errors(fit_file, tmp_path):
-    from cubefit_mpi.plots import make_plots
+    from cubefit_mpi.stages.plots import make_plots
 
     with pytest.raises(InputError, match="/X_global: dataset missing"):
         make_plots(fit_file, tmp_path / "p", comm=SELF)
@@ -408,7 +408,7 @@ def test_plot_errors(fit_file, tmp_path):
 
 
 def test_newest_sidecar_and_unreadable_sidecar(fit_file, tmp_path):
-    from cubefit_mpi.plots import make_plots, newest_sidecar
+    from cubefit_mpi.stages.plots import make_plots, newest_sidecar
 
     add_fit(fit_file)
     assert newest_sidecar(fit_file) is None
@@ -427,7 +427,7 @@ def test_newest_sidecar_and_unreadable_sidecar(fit_file, tmp_path):
 
 
 def test_importing_plots_imports_no_matplotlib_and_no_mpi():
-    code = ("import sys, cubefit_mpi.plots, cubefit_mpi.recon, cubefit_mpi.cli_recon; "
+    code = ("import sys, cubefit_mpi.stages.plots, cubefit_mpi.stages.recon, cubefit_mpi.cli.recon; "
             "print('matplotlib' in sys.modules, 'matplotlib.pyplot' in sys.modules, 'mpi4py.MPI' in sys.modules)")
     out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False", "False"]
@@ -437,7 +437,7 @@ def test_importing_plots_imports_no_matplotlib_and_no_mpi():
 # command line
 # ---------------------------------------------------------------------------------------------
 def _parse(argv):
-    from cubefit_mpi.cli_recon import register
+    from cubefit_mpi.cli.recon import register
 
     parser = argparse.ArgumentParser(prog="cubefit_mpi")
     register(parser.add_subparsers(dest="command"))
@@ -445,8 +445,8 @@ def _parse(argv):
 
 
 def test_cli_handlers(fit_file, capsys):
-    from cubefit_mpi import recon
-    from cubefit_mpi.cli_recon import RECON_DEFAULT
+    from cubefit_mpi.cli.recon import RECON_DEFAULT
+    from cubefit_mpi.stages import recon
 
     assert RECON_DEFAULT == recon.RECON_DEFAULT
     models, x = add_fit(fit_file)
@@ -472,7 +472,7 @@ def test_cli_wired(fit_file, tmp_path):
     add_fit(fit_file)
     res = run_cli("recon", fit_file, "--x", "/X_bad")
     if "invalid choice" in res.stderr:
-        pytest.skip("recon/plot not wired into cubefit_mpi.cli yet")
+        pytest.skip("recon/plot not wired into cubefit_mpi.cli.main yet")
     assert res.returncode == 2
     assert res.stderr.strip() == ("cubefit_mpi recon: error: /X_bad: dataset missing from "
                                   f"{fit_file}; run `cubefit_mpi solve` first")
@@ -485,7 +485,7 @@ def test_cli_wired(fit_file, tmp_path):
 
 def test_recon_of_built_hypercube_with_true_x_reproduces_noise_free_data(fit_file):
     """Integration with the builder: A·x_true is the mock's (independently computed) data cube."""
-    builder = pytest.importorskip("cubefit_mpi.hypercube_builder")
+    builder = pytest.importorskip("cubefit_mpi.stages.build")
     builder.build_hypercube(str(fit_file), S_chunk=16, C_chunk=1, compression="gzip", comm=SELF)
     with h5py.File(fit_file, "r+") as f:
         f["/X_global"] = f["/Truth/x"][...].reshape(-1)

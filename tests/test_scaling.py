@@ -10,9 +10,9 @@ import math
 import os
 
 import pytest
-
-from cubefit_mpi import scaling_model as sm
 from conftest import run_cli
+
+from cubefit_mpi.perf import model as sm
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNGS = ("scaling_time.png", "scaling_speedup.png", "scaling_efficiency.png", "scaling_phases.png")

@@ -4,7 +4,6 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-
 from conftest import file_bytes, run_cli
 
 

@@ -12,20 +12,22 @@ memory and the ranks on it), the working-set method (:mod:`.working_set`) is use
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
 
 import numpy as np
 
-from .. import layout as lay
-from ..errors import InputError
-from ..hdf5_manager import open_h5, write_block
-from ..knobs import get_knobs
-from ..nnls import kkt_certificate, kkt_from_gradient, nnls_gram
-from ..parallel import bcast_array, get_comm, mpi
-from ..regularization import Regularization
+from ..config.errors import InputError
+from ..config.knobs import get_knobs
+from ..io import layout as lay
+from ..io.blocks import write_block
+from ..io.h5file import open_h5
+from ..numerics.certificate import certificate_dict, certify
+from ..numerics.nnls import nnls_gram
+from ..numerics.regularization import Regularization
+from ..parallel.collectives import bcast_array
+from ..parallel.comm import get_comm, mpi
 from .gram import SolveInputs, load_solve_inputs, normal_equations, residual_chi2
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
@@ -33,7 +35,6 @@ GRAM = "/Solve/gram"
 RHS = "/Solve/rhs"
 ORBIT_WEIGHTS = "/Solve/orbit_weights"
 COMPONENT_TOTALS = "/Solve/component_totals"
-KKT_TOL = 1e-8
 CHI2_RTOL = 1e-9
 
 
@@ -164,7 +165,7 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
     reg = Regularization.build(C, P, ridge=ridge, regul=regul, regul_order=regul_order, pop_shape=pop_shape,
                                orbit_targets=targets, orbit_strength=orbit_strength)
     if inputs.weights is not None and comm.Get_rank() == 0:
-        from ..lambda_weights import weights_banner
+        from ..numerics.lambda_weights import weights_banner
 
         _LOG.info(weights_banner(inputs.weights, inputs.mask))
     budget = gram_budget_bytes(comm)
@@ -215,24 +216,6 @@ def _pop_shape(path: str, n_pop: int, comm):
     return (n_pop,)
 
 
-def certify(gram: np.ndarray, rhs: np.ndarray, x: np.ndarray, tol: float = KKT_TOL, *, gradient=None):
-    """KKT certificate, scale-free: the gradient tests use ``tol × max_j |b_j| / √G_jj``, the
-    complementarity ratio ``|xᵀg| / max(xᵀGx, |bᵀx|)`` uses ``tol``.  Local.
-
-    ``gradient`` (= Gx − b) may be given with ``gram`` as the diagonal only (working-set solver).
-    """
-    diag = gram if gram.ndim == 1 else gram.diagonal()
-    live = diag > 0
-    scale = float(np.max(np.abs(rhs[live]) / np.sqrt(diag[live]), initial=0.0))
-    if gradient is None:
-        cert = kkt_certificate(gram, rhs, x, tol=tol * max(scale, 1e-300))
-    else:
-        cert = kkt_from_gradient(gradient, diag, x, rhs, tol=tol * max(scale, 1e-300))
-    ok = (cert.primal_min >= 0.0 and cert.dual_min >= -cert.tol and cert.passive_stationarity <= cert.tol
-          and cert.complementarity <= tol)
-    return dataclasses.replace(cert, ok=bool(ok))
-
-
 def _solve_on_root(system: dict, reg: Regularization, tol: float, comm) -> tuple[np.ndarray, dict]:
     """Rank 0 solves the (regularised) system; x and the summary are broadcast.  Collective."""
     info = None
@@ -247,16 +230,10 @@ def _solve_on_root(system: dict, reg: Regularization, tol: float, comm) -> tuple
         info = {"iterations": result.iterations, "converged": result.converged, "active_set": result.passive_size,
                 "message": result.message, "yy": system["yy"],
                 "chi2_formula": system["yy"] - 2.0 * float(system["rhs"] @ x) + curvature,
-                "objective": cert.objective + 0.5 * system["yy"], **_cert_dict(cert)}
+                "objective": cert.objective + 0.5 * system["yy"], **certificate_dict(cert)}
     x = bcast_array(x, comm)
     info = comm.bcast(info, root=0)
     return x, info
-
-
-def _cert_dict(cert) -> dict:
-    return {"kkt.ok": cert.ok, "kkt.primal_min": cert.primal_min, "kkt.dual_min": cert.dual_min,
-            "kkt.passive_stationarity": cert.passive_stationarity, "kkt.complementarity": cert.complementarity,
-            "kkt.tol": cert.tol}
 
 
 def _write_solution(path: str, x: np.ndarray, stats: dict, targets, comm) -> None:

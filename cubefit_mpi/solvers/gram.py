@@ -14,13 +14,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import layout as lay
-from ..digest import array_digest, rows_digest
-from ..errors import InputError
-from ..hdf5_manager import open_h5, open_uncached, read_block
-from ..knobs import get_knobs
-from ..parallel import (PhaseTimer, allreduce_sum, limit_blas_threads, block_range, get_comm, mpi, padded_schedule, reduce_sum,
-                        tile_bounds)
+from ..config.errors import InputError
+from ..config.knobs import get_knobs
+from ..io import layout as lay
+from ..io.blocks import read_block
+from ..io.h5file import open_h5, open_uncached
+from ..numerics.digest import array_digest, rows_digest
+from ..parallel.collectives import allreduce_sum, reduce_sum
+from ..parallel.comm import get_comm, mpi
+from ..parallel.decomposition import block_range, padded_schedule, tile_bounds
+from ..parallel.threads import limit_blas_threads
+from ..parallel.timers import PhaseTimer
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
 
@@ -60,7 +64,7 @@ def load_solve_inputs(path: str, *, use_weights: bool = True, comm=None) -> Solv
     limit_blas_threads(comm, get_knobs().blas_threads)
     weights = None
     if use_weights:
-        from ..lambda_weights_stage import read_lambda_weights
+        from ..stages.weights import read_lambda_weights
 
         weights = read_lambda_weights(path, comm=comm)
     with open_h5(path, "r", comm) as f:
@@ -72,10 +76,10 @@ def load_solve_inputs(path: str, *, use_weights: bool = True, comm=None) -> Solv
         if not bool(attrs.get("complete", True)):
             missing = ""
             if lay.DONE in f:
-                from ..hypercube_utils import _ranges
+                from ..io.hypercube_state import missing_spaxel_ranges
 
                 done = np.asarray(f[lay.DONE][...], dtype=bool).all(axis=(1, 2))
-                spans = _ranges(np.flatnonzero(~done), (models.chunks or models.shape)[0], S)
+                spans = missing_spaxel_ranges(np.flatnonzero(~done), (models.chunks or models.shape)[0], S)
                 missing = " (missing spaxels " + ", ".join(f"{a}:{b}" for a, b in spans[:8]) + \
                           (" ..." if len(spans) > 8 else "") + ")"
             raise InputError(f"{lay.MODELS}: the hypercube is incomplete{missing}; finish it with "

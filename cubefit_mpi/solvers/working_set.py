@@ -13,10 +13,10 @@ import time
 
 import numpy as np
 
-from ..errors import InputError
-from ..nnls import nnls_gram
-from ..parallel import bcast_array
-from ..regularization import Regularization
+from ..config.errors import InputError
+from ..numerics.nnls import nnls_gram
+from ..numerics.regularization import Regularization
+from ..parallel.collectives import bcast_array
 from .gram import SolveInputs, diagonal_pass, gram_columns
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
@@ -25,7 +25,7 @@ _LOG = logging.getLogger("cubefit_mpi.solve")
 def solve_working_set(inputs: SolveInputs, reg: Regularization, *, budget: int, tol: float, comm,
                       block: int | None = None, max_passes: int = 200) -> tuple[np.ndarray, dict]:
     """Working-set exact NNLS; returns (x, info) like the full method.  Collective over comm."""
-    from .exact import _cert_dict, certify
+    from ..numerics.certificate import certificate_dict, certify
 
     n = inputs.n_params
     max_cols = int(budget // (8 * n))
@@ -87,5 +87,5 @@ def solve_working_set(inputs: SolveInputs, reg: Regularization, *, budget: int, 
                    "chi2_formula": yy - 2.0 * float(rhs @ x) + curvature,
                    "objective": cert.objective + 0.5 * yy, "passes": passes, "working_set": int(working.size),
                    "pass_seconds": time.perf_counter() - t0, "solve_seconds": 0.0, "reduce_seconds": 0.0,
-                   "from_cache": False, **_cert_dict(cert)}
+                   "from_cache": False, **certificate_dict(cert)}
     return x, comm.bcast(summary, root=0)

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from cubefit_mpi.errors import InputError
-from cubefit_mpi.hypercube_builder import build_hypercube
-from cubefit_mpi.hypercube_utils import convert_hypercube_norm, invalidate_tiles, recompress, recompute_col_energy
-from cubefit_mpi.mock import MockSpec
-from cubefit_mpi.mock_galaxy import make_mock
+from cubefit_mpi.config.errors import InputError
+from cubefit_mpi.numerics.synthetic_galaxy import MockSpec
+from cubefit_mpi.stages.build import build_hypercube
+from cubefit_mpi.stages.hypercube_maintenance import (
+    convert_hypercube_norm, invalidate_tiles, recompress, recompute_col_energy
+)
+from cubefit_mpi.stages.mock import make_mock
 
 pytestmark = pytest.mark.mpi(min_size=2)
 comm = MPI.COMM_WORLD

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from cubefit_mpi import knobs as knobs_module
-from cubefit_mpi.hypercube_builder import build_hypercube
-from cubefit_mpi.mock import MockSpec
-from cubefit_mpi.mock_galaxy import make_mock
+from cubefit_mpi.config import knobs as knobs_module
+from cubefit_mpi.numerics.synthetic_galaxy import MockSpec
 from cubefit_mpi.solvers.exact import solve_exact
+from cubefit_mpi.stages.build import build_hypercube
+from cubefit_mpi.stages.mock import make_mock
 
 pytestmark = pytest.mark.mpi(min_size=2)
 comm = MPI.COMM_WORLD
@@ -19,7 +19,6 @@ comm = MPI.COMM_WORLD
 @pytest.fixture
 def built(mpi_tmp_path, monkeypatch):
     monkeypatch.setenv("CUBEFIT_LAMBDA_WEIGHTS_ENABLE", "0")
-    knobs_module._CACHE.clear()
     path = mpi_tmp_path / "g.h5"
     make_mock(str(path), MockSpec(spaxels=50, components=3, populations=8, wavelengths=150, seed=21, snr=25,
                                   masked_pixels=9), comm)
@@ -28,7 +27,6 @@ def built(mpi_tmp_path, monkeypatch):
         shutil.copy(path, mpi_tmp_path / "ref.h5")
     comm.Barrier()
     yield path, mpi_tmp_path / "ref.h5"
-    knobs_module._CACHE.clear()
 
 
 @pytest.mark.parametrize("method", ["gram", "working-set"])
@@ -36,7 +34,6 @@ def test_parallel_equals_serial(built, method, monkeypatch):
     path, ref = built
     if method == "working-set":
         monkeypatch.setenv("CUBEFIT_GRAM_MAX_BYTES", str(8 * 24 * 20))
-        knobs_module._CACHE.clear()
     x, stats = solve_exact(str(path), exact_method=method, comm=comm)
     assert stats["kkt.ok"] and stats["n_ranks"] == comm.size
     everywhere = comm.allgather(x)

@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from cubefit_mpi import parallel as par
-from cubefit_mpi.hdf5_manager import H5Manager, is_parallel, open_h5, read_block, write_block
-from cubefit_mpi.layout import H5Dims
-from cubefit_mpi.mock import MockSpec
-from cubefit_mpi.mock_galaxy import make_mock
+from cubefit_mpi.io.blocks import read_block, write_block
+from cubefit_mpi.io.h5file import is_parallel, open_h5
+from cubefit_mpi.io.layout import H5Dims
+from cubefit_mpi.io.manager import H5Manager
+from cubefit_mpi.numerics.synthetic_galaxy import MockSpec
+from cubefit_mpi.parallel import collectives, decomposition
+from cubefit_mpi.stages.mock import make_mock
 
 pytestmark = pytest.mark.mpi(min_size=2)
 comm = MPI.COMM_WORLD
@@ -19,9 +21,9 @@ def test_rank_owning_nothing_does_not_hang_collective_write(mpi_tmp_path):
     path = mpi_tmp_path / "empty.h5"
     with open_h5(path, "w", comm) as f:
         dset = f.create_dataset("x", shape=(n_rows, 4), dtype="f8")
-        mine = par.owned_tiles(n_rows, comm)
+        mine = decomposition.owned_tiles(n_rows, comm)
         assert (len(mine) == 0) == (comm.rank == comm.size - 1)
-        for tile in par.padded_schedule(list(mine), comm):
+        for tile in decomposition.padded_schedule(list(mine), comm):
             write_block(dset, None if tile is None else (tile, 0),
                         None if tile is None else np.full((1, 4), float(tile)))
         got = read_block(dset, (0, 0), (n_rows, 4)) if comm.rank == 0 else read_block(dset, None, None)
@@ -35,7 +37,7 @@ def test_compressed_dataset_collective_rounds(mpi_tmp_path):
     path = mpi_tmp_path / "gz.h5"
     with open_h5(path, "w", comm) as f:
         dset = f.create_dataset("a", shape=(7, 50), chunks=(1, 50), dtype="f4", compression="gzip")
-        for tile in par.padded_schedule(list(par.owned_tiles(7, comm)), comm):
+        for tile in decomposition.padded_schedule(list(decomposition.owned_tiles(7, comm)), comm):
             write_block(dset, None if tile is None else (tile, 0),
                         None if tile is None else np.full((1, 50), tile, dtype="f4"))
     if comm.rank == 0:
@@ -45,24 +47,24 @@ def test_compressed_dataset_collective_rounds(mpi_tmp_path):
 
 def test_reductions_in_float64():
     local = np.full(5, 1e-17 + comm.rank, dtype=np.float32)
-    total = par.allreduce_sum(local, comm)
+    total = collectives.allreduce_sum(local, comm)
     assert total.dtype == np.float64
     np.testing.assert_allclose(total, sum(np.float32(1e-17 + r) for r in range(comm.size)))
-    root = par.reduce_sum(np.ones(3), comm)
+    root = collectives.reduce_sum(np.ones(3), comm)
     if comm.rank == 0:
         np.testing.assert_array_equal(root, comm.size)
     else:
         assert root is None
-    b = par.bcast_array(np.arange(6.0).reshape(2, 3) if comm.rank == 0 else None, comm)
+    b = collectives.bcast_array(np.arange(6.0).reshape(2, 3) if comm.rank == 0 else None, comm)
     np.testing.assert_array_equal(b, np.arange(6.0).reshape(2, 3))
 
 
 def test_raise_if_any_raises_everywhere():
-    from cubefit_mpi.errors import InputError
+    from cubefit_mpi.config.errors import InputError
 
     err = InputError("/X: bad on rank 1") if comm.rank == 1 else None
     with pytest.raises(InputError, match="/X: bad on rank 1"):
-        par.raise_if_any(err, comm)
+        collectives.raise_if_any(err, comm)
 
 
 def _datasets(path):
@@ -119,10 +121,10 @@ def test_independent_read_by_one_rank_alone_and_gathers(mpi_tmp_path):
             np.testing.assert_array_equal(read_block(f["a"], (2, 1), (3, 4), collective=False), data[2:5, 1:])
         comm.Barrier()
     rows = [r + 1 for r in range(comm.size)]
-    stacked = par.gather_rows(np.full((comm.rank + 1, 3), float(comm.rank)), rows, comm)
+    stacked = collectives.gather_rows(np.full((comm.rank + 1, 3), float(comm.rank)), rows, comm)
     if comm.rank == 0:
         np.testing.assert_array_equal(stacked[:, 0], np.repeat(np.arange(comm.size), rows))
     else:
         assert stacked is None
-    every = par.allgather_array(np.array([comm.rank, -1.0]), comm)
+    every = collectives.allgather_array(np.array([comm.rank, -1.0]), comm)
     np.testing.assert_array_equal(every[:, 0], np.arange(comm.size))

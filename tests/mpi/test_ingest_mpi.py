@@ -10,8 +10,8 @@ import pytest
 from ingest_fixtures import write_muse_like_inputs
 from mpi4py import MPI
 
-from cubefit_mpi.errors import InputError
-from cubefit_mpi.ingest import IngestOptions, run_ingest
+from cubefit_mpi.config.errors import InputError
+from cubefit_mpi.stages.ingest import IngestOptions, run_ingest
 
 pytestmark = pytest.mark.mpi(min_size=2)
 comm = MPI.COMM_WORLD

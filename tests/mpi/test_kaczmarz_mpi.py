@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from cubefit_mpi.errors import InputError
-from cubefit_mpi.hypercube_builder import build_hypercube
-from cubefit_mpi.knobs import Knobs
-from cubefit_mpi.mock import MockSpec
-from cubefit_mpi.mock_galaxy import make_mock
-from cubefit_mpi.solvers.kaczmarz import solve_kaczmarz
+from cubefit_mpi.config.errors import InputError
+from cubefit_mpi.config.knobs import Knobs
+from cubefit_mpi.numerics.synthetic_galaxy import MockSpec
+from cubefit_mpi.solvers.kaczmarz.solver import solve_kaczmarz
+from cubefit_mpi.stages.build import build_hypercube
+from cubefit_mpi.stages.mock import make_mock
 
 pytestmark = pytest.mark.mpi(min_size=2)
 comm = MPI.COMM_WORLD
@@ -50,7 +50,7 @@ def test_parallel_equals_serial(pair, weights):
     par, ser = pair
     knobs = Knobs.from_env({}) if weights else NO_WEIGHTS
     if weights:
-        from cubefit_mpi.lambda_weights_stage import ensure_lambda_weights
+        from cubefit_mpi.stages.weights import ensure_lambda_weights
 
         ensure_lambda_weights(str(par), comm=comm)
         if comm.rank == 0:

@@ -7,13 +7,13 @@ import h5py
 import numpy as np
 import pytest
 from mpi4py import MPI
-
-from cubefit_mpi.errors import InputError
-from cubefit_mpi.mock import MockSpec
-from cubefit_mpi.mock_galaxy import make_mock
-from cubefit_mpi.plots import make_plots
-from cubefit_mpi.recon import reconstruct
 from test_recon_plots import add_fit, assert_png, dense_reference, write_sidecar
+
+from cubefit_mpi.config.errors import InputError
+from cubefit_mpi.numerics.synthetic_galaxy import MockSpec
+from cubefit_mpi.stages.mock import make_mock
+from cubefit_mpi.stages.plots import make_plots
+from cubefit_mpi.stages.recon import reconstruct
 
 pytestmark = pytest.mark.mpi(min_size=2)
 comm = MPI.COMM_WORLD

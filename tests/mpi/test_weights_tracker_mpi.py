@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from cubefit_mpi.fit_tracker import FitTracker, latest_snapshot, read_history, read_progress
-from cubefit_mpi.hdf5_manager import open_h5
-from cubefit_mpi.lambda_weights_stage import ensure_lambda_weights, median_spectrum, read_lambda_weights
-from cubefit_mpi.mock import MockSpec
-from cubefit_mpi.mock_galaxy import make_mock
+from cubefit_mpi.io.h5file import open_h5
+from cubefit_mpi.io.tracker_sidecar import latest_snapshot, read_history, read_progress
+from cubefit_mpi.numerics.synthetic_galaxy import MockSpec
+from cubefit_mpi.stages.mock import make_mock
+from cubefit_mpi.stages.tracker import FitTracker
+from cubefit_mpi.stages.weights import ensure_lambda_weights, median_spectrum, read_lambda_weights
 
 pytestmark = pytest.mark.mpi(min_size=2)
 comm = MPI.COMM_WORLD

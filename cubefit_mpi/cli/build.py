@@ -1,0 +1,108 @@
+"""Sub-commands of the hypercube stage: ``build``, ``convert-norm``, ``energy``, ``done``, ``recompress``."""
+from __future__ import annotations
+
+from ..config.errors import InputError
+
+
+def _chunks(text: str | None):
+    if text is None:
+        return None, None, None
+    try:
+        parts = [int(v) for v in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3:
+        raise InputError(f"--chunks {text}: expected three integers S,C,P")
+    return tuple(parts)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("build", help="build /HyperCube/models (resumes an interrupted build)")
+    p.add_argument("file")
+    p.add_argument("--norm", default="model", help="model | data (default model)")
+    p.add_argument("--amp", default="sum", help="LOSVD amplitude: sum | trapz (default sum)")
+    p.add_argument("--chunks", default=None, metavar="S,C,P", help="chunk shape (default: ~8 MiB chunks)")
+    p.add_argument("--compression", default=None, metavar="gzip[:level]|lzf|none")
+    p.add_argument("--force", action="store_true", help="discard an existing hypercube and rebuild")
+    p.set_defaults(handler=cmd_build)
+
+    p = sub.add_parser("convert-norm", help="flip /HyperCube/models between norm model and data (no FFT)")
+    p.add_argument("file")
+    p.add_argument("--to", required=True, help="model | data")
+    p.add_argument("--no-energy", action="store_true", help="do not recompute /HyperCube/col_energy")
+    p.set_defaults(handler=cmd_convert)
+
+    p = sub.add_parser("energy", help="recompute /HyperCube/col_energy (optionally lambda-weighted)")
+    p.add_argument("file")
+    p.add_argument("--weighted", action="store_true", help="weight by /HyperCube/lambda_weights")
+    p.set_defaults(handler=cmd_energy)
+
+    p = sub.add_parser("done", help="show the build's tile map; --invalidate resets tiles for the next build")
+    p.add_argument("file")
+    p.add_argument("--invalidate", default=None, metavar="S0:S1|all")
+    p.set_defaults(handler=cmd_done)
+
+    p = sub.add_parser("recompress", help="rewrite /HyperCube/models with other filters (copy, verify, swap)")
+    p.add_argument("file")
+    p.add_argument("--compression", required=True, metavar="gzip[:level]|lzf|none")
+    p.set_defaults(handler=cmd_recompress)
+
+
+def cmd_build(args, comm) -> int:
+    from ..stages.build import build_hypercube
+
+    s, c, p = _chunks(args.chunks)
+    out = build_hypercube(args.file, norm_mode=args.norm, amp_mode=args.amp, S_chunk=s, C_chunk=c, P_chunk=p,
+                          compression=args.compression, comm=comm, force=args.force)
+    if comm.Get_rank() == 0:
+        print(f"built {args.file}:/HyperCube/models: {out['units_built']} units built, {out['units_skipped']} "
+              f"already done, chunks {out['chunks']}, {out['seconds']:.1f}s on {comm.Get_size()} rank(s)")
+    return 0
+
+
+def cmd_convert(args, comm) -> int:
+    from ..stages.hypercube_maintenance import convert_hypercube_norm
+
+    out = convert_hypercube_norm(args.file, args.to, recompute_energy=not args.no_energy, comm=comm)
+    if comm.Get_rank() == 0:
+        print(f"{args.file}: norm.mode={out['norm.mode']}" + ("" if out["converted"] else " (already)"))
+    return 0
+
+
+def cmd_energy(args, comm) -> int:
+    from ..stages.hypercube_maintenance import recompute_col_energy
+
+    energy = recompute_col_energy(args.file, weighted=args.weighted, comm=comm)
+    if comm.Get_rank() == 0:
+        print(f"{args.file}:/HyperCube/col_energy recomputed ({'weighted' if args.weighted else 'unweighted'}): "
+              f"min {energy.min():.4g} max {energy.max():.4g}")
+    return 0
+
+
+def cmd_done(args, comm) -> int:
+    from ..stages.hypercube_maintenance import done_map, invalidate_tiles
+
+    if args.invalidate:
+        reset = invalidate_tiles(args.file, args.invalidate, comm=comm)
+        if comm.Get_rank() == 0:
+            print(f"{args.file}: reset {reset} tile(s); run `cubefit_mpi build {args.file}` to redo them")
+        return 0
+    info = done_map(args.file, comm=comm)
+    if comm.Get_rank() == 0:
+        print(f"{args.file}: {info['tiles_done']}/{info['tiles_total']} tiles done "
+              f"({info['s_tiles_done']}/{info['s_tiles_total']} S-tiles), chunks {tuple(info['chunks'])}")
+        row = "".join("#" if t else "." for t in info["done"].all(axis=(1, 2)))
+        for i in range(0, len(row), 80):
+            print(f"  S-tiles {i:>6}: {row[i:i + 80]}")
+        if info["missing_spaxels"]:
+            print("  missing spaxels: " + ", ".join(f"{a}:{b}" for a, b in info["missing_spaxels"][:20]))
+    return 0
+
+
+def cmd_recompress(args, comm) -> int:
+    from ..stages.hypercube_maintenance import recompress
+
+    recompress(args.file, args.compression, comm=comm)
+    if comm.Get_rank() == 0:
+        print(f"{args.file}:/HyperCube/models recompressed with {args.compression}")
+    return 0

@@ -1,0 +1,59 @@
+"""Sub-command ``solve``: the exact solver (default) or the spec's Kaczmarz method."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config.errors import InputError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("solve", help="solve for /X_global (exact NNLS by default; --method kaczmarz)")
+    p.add_argument("file")
+    p.add_argument("--method", default="exact", help="exact | kaczmarz (default exact)")
+    g = p.add_argument_group("exact")
+    g.add_argument("--ridge", type=float, default=None, help="rho of rho/2 ||x||^2 (default CUBEFIT_NNLS_L2)")
+    g.add_argument("--regul", type=float, default=0.0, help="smoothness strength over the population grid")
+    g.add_argument("--regul-order", type=int, default=2, help="1 or 2 (differences), default 2")
+    g.add_argument("--exact-method", default="auto", help="auto | gram | working-set")
+    g.add_argument("--no-cache", action="store_true", help="recompute the Gram matrix even if /Solve holds it")
+    g.add_argument("--no-verify", action="store_true", help="skip the separate chi2 residual pass")
+    p.add_argument("--orbit-weights", default=None, metavar="DATASET|FILE|a,b,c",
+                   help="target fractions of the component totals")
+    p.add_argument("--orbit-strength", type=float, default=None,
+                   help="exact: mu of the orbit-weight penalty (required with --orbit-weights); kaczmarz: "
+                        "fraction of the way to the targets per tile (default 0.1)")
+    p.add_argument("--no-weights", action="store_true", help="ignore lambda-weights")
+    k = p.add_argument_group("kaczmarz")
+    k.add_argument("--epochs", type=int, default=1)
+    k.add_argument("--lr", type=float, default=1.0)
+    k.add_argument("--warm-start", default="zeros", help="zeros | exact | resume | jacobi")
+    k.add_argument("--c-bands", type=int, default=None, help="component bands per S-group (default min(ranks, C))")
+    k.add_argument("--decorrelate", type=float, default=0.0, help="de-correlation nudge strength in [0, 1]")
+    p.add_argument("--blas-threads", type=int, default=None)
+    p.set_defaults(handler=cmd_solve)
+
+
+def cmd_solve(args, comm) -> int:
+    from ..pipeline.runner import PipelineRunner
+
+    runner = PipelineRunner(args.file, comm=comm)
+    common = dict(orbit_weights=args.orbit_weights, orbit_strength=args.orbit_strength,
+                  use_weights=not args.no_weights)
+    if args.method == "exact":
+        if args.orbit_weights is not None and not args.orbit_strength:
+            raise InputError("--orbit-weights: the exact method needs --orbit-strength > 0 (the penalty's mu)")
+        common["orbit_strength"] = args.orbit_strength or 0.0
+        x, stats = runner.solve("exact", blas_threads=args.blas_threads, ridge=args.ridge, regul=args.regul,
+                                regul_order=args.regul_order, use_cache=not args.no_cache,
+                                verify=not args.no_verify, exact_method=args.exact_method, **common)
+    else:
+        x, stats = runner.solve(args.method, blas_threads=args.blas_threads, epochs=args.epochs, lr=args.lr,
+                                warm_start=args.warm_start, c_bands=args.c_bands, decorrelate=args.decorrelate,
+                                **common)
+    if comm.Get_rank() == 0:
+        totals = np.array2string(np.asarray(stats.get("component_totals", [])), precision=6)
+        line = f"solved {args.file}:/X_global ({stats.get('method', args.method)}): chi2={stats.get('chi2', float('nan')):.10g}"
+        if "kkt.ok" in stats:
+            line += f", KKT certificate {'OK' if stats['kkt.ok'] else 'NOT MET'}"
+        print(line + f", component totals {totals}, {stats.get('seconds', 0):.1f}s on {comm.Get_size()} rank(s)")
+    return 0

@@ -1,0 +1,205 @@
+"""Every environment knob of cubefit_mpi, parsed once into one typed, frozen object.
+
+The defaults are the spec's (``CubeFit.md``, "Environment variables").  A ``CUBEFIT_*``
+variable that is not known here, or whose value does not parse, is an error (``KnobError``,
+exit 2) naming the variable and what was expected -- never a silent default.
+
+``CUBEFIT_MP_CTX`` (the predecessor's multiprocessing start method) is accepted and ignored:
+MPI ranks replace the process pool.  ``OMP_NUM_THREADS`` & co. are left to the launcher;
+``CUBEFIT_BLAS_THREADS`` sets them for our own BLAS calls when given.  The Slurm jobscripts'
+own variables (``CUBEFIT_FILE``, ``CUBEFIT_MOCK``, ..., ``CUBEFIT_<STEP>_ARGS``) are accepted
+and ignored.
+
+Local (no MPI).  Importing this module reads nothing; call :func:`get_knobs`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import KnobError
+
+# variables of the Slurm jobscripts (jobscripts/README.md): accepted and ignored here
+JOBSCRIPT_VARIABLES = frozenset({"CUBEFIT_FILE", "CUBEFIT_MOCK", "CUBEFIT_NORM", "CUBEFIT_METHOD", "CUBEFIT_OUT",
+                                 "CUBEFIT_STEPS", "CUBEFIT_THREADS", "CUBEFIT_RANKS", "CUBEFIT_REPEATS"})
+_JOBSCRIPT_ARGS = re.compile(r"CUBEFIT_[A-Z]+_ARGS$")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _knob(env: str, default: Any, doc: str, *, choices: tuple | None = None,
+          minimum: float | None = None, maximum: float | None = None):
+    """Declare one knob: the env variable, default, and validation limits."""
+    return field(default=default, metadata=dict(env=env, doc=doc, choices=choices,
+                                                minimum=minimum, maximum=maximum))
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Resolved values of all knobs (read-only).  See ``docs/CubeFit.md`` for each one."""
+
+    # --- HDF5 & dataset caching -------------------------------------------------------------
+    hdf5_use_file_locking: bool = _knob("HDF5_USE_FILE_LOCKING", False,
+                                        "HDF5 file locking (off: safe on shared filesystems)")
+    rdcc_nslots: int = _knob("CUBEFIT_RDCC_NSLOTS", 400003, "file-level raw chunk cache slots", minimum=1)
+    rdcc_nbytes: int = _knob("CUBEFIT_RDCC_NBYTES", 4294967296, "file-level raw chunk cache bytes", minimum=0)
+    rdcc_w0: float = _knob("CUBEFIT_RDCC_W0", 0.9, "chunk cache preemption policy", minimum=0.0, maximum=1.0)
+    mpiio_hints: str = _knob("CUBEFIT_MPIIO_HINTS", "romio_cb_write=disable,romio_cb_read=disable",
+                             "MPI-IO hints key=value,... for parallel files ('none': the MPI library's defaults)")
+    rdcc_slots: int = _knob("CUBEFIT_RDCC_SLOTS", 1000003, "per-dataset chunk cache slots", minimum=1)
+    rdcc_bytes: int = _knob("CUBEFIT_RDCC_BYTES", 268435456, "per-dataset chunk cache bytes", minimum=0)
+    # --- processes & threads ----------------------------------------------------------------
+    mp_ctx: str = _knob("CUBEFIT_MP_CTX", "forkserver",
+                        "predecessor's multiprocessing start method; ignored (MPI ranks replace the pool)",
+                        choices=("forkserver", "spawn", "fork"))
+    blas_threads: int = _knob("CUBEFIT_BLAS_THREADS", 0, "BLAS threads per rank (0: leave as launched)", minimum=0)
+    read_ahead: str = _knob("CUBEFIT_READ_AHEAD", "auto",
+                            "Kaczmarz reads the next tile in a background thread (auto: when the node has a "
+                            "core more than its ranks)", choices=("auto", "1", "0"))
+    fft_threads: int = _knob("CUBEFIT_FFT_THREADS", 1, "FFTW threads per rank in the builder", minimum=1)
+    build_checkpoint_sec: float = _knob("CUBEFIT_BUILD_CHECKPOINT_SEC", 10.0,
+                                        "seconds between build checkpoints (file sync, then done bits)",
+                                        minimum=0.0)
+    # --- solver: worker-level stability & steps ---------------------------------------------
+    bt_steps: int = _knob("CUBEFIT_BT_STEPS", 3, "backtracking steps per band", minimum=0)
+    bt_factor: float = _knob("CUBEFIT_BT_FACTOR", 0.5, "alpha shrink per backtracking step", minimum=0.0, maximum=1.0)
+    trust_tau: float = _knob("CUBEFIT_TRUST_TAU", 0.7, "trust region ||dR_w|| <= tau ||R_w||", minimum=0.0)
+    eps: float = _knob("CUBEFIT_EPS", 1e-12, "numerical floor in denominators", minimum=0.0)
+    zero_col_rel: float = _knob("CUBEFIT_ZERO_COL_REL", 1e-12, "freeze columns below this x median energy", minimum=0.0)
+    zero_col_abs: float = _knob("CUBEFIT_ZERO_COL_ABS", 1e-24, "freeze columns below this energy", minimum=0.0)
+    debug_safe: bool = _knob("CUBEFIT_DEBUG_SAFE", False, "log sanitisation/freeze counts per tile")
+    nnls_prop_per_band: int = _knob("CUBEFIT_NNLS_PROP_PER_BAND", 6, "polish candidates per band", minimum=0)
+    # --- solver: aggregation & NNLS polish --------------------------------------------------
+    tile_bt_steps: int = _knob("CUBEFIT_TILE_BT_STEPS", 6, "backtracking steps for aggregated dR", minimum=0)
+    tile_bt_factor: float = _knob("CUBEFIT_TILE_BT_FACTOR", 0.5, "aggregated alpha shrink", minimum=0.0, maximum=1.0)
+    global_tau: float = _knob("CUBEFIT_GLOBAL_TAU", 0.5, "global step cap sum dx^2 E vs ||Y||", minimum=0.0)
+    global_energy_blend: float = _knob("CUBEFIT_GLOBAL_ENERGY_BLEND", 1e-3,
+                                       "blend of global column energy in denominators", minimum=0.0)
+    nnls_enable: bool = _knob("CUBEFIT_NNLS_ENABLE", True, "tile-local weighted NNLS polish")
+    nnls_every: int = _knob("CUBEFIT_NNLS_EVERY", 1, "polish every N tiles", minimum=1)
+    nnls_max_cols: int = _knob("CUBEFIT_NNLS_MAX_COLS", 128, "max columns in the polish system", minimum=1)
+    nnls_max_bytes: int = _knob("CUBEFIT_NNLS_MAX_BYTES", 1000000000, "memory cap of the polish system", minimum=1)
+    nnls_sub_l: int = _knob("CUBEFIT_NNLS_SUB_L", 0, "lambda subsample for the polish (0: all)", minimum=0)
+    nnls_solver: str = _knob("CUBEFIT_NNLS_SOLVER", "nnls", "polish back-end",
+                             choices=("nnls", "lsq", "mu", "fista"))
+    nnls_max_iter: int = _knob("CUBEFIT_NNLS_MAX_ITER", 50, "iteration cap of iterative back-ends", minimum=1)
+    nnls_min_improve: float = _knob("CUBEFIT_NNLS_MIN_IMPROVE", 0.999,
+                                    "accept polish if weighted RMSE ratio < this", minimum=0.0)
+    nnls_l2: float = _knob("CUBEFIT_NNLS_L2", 0.0, "ridge rho of the exact solve (rho/2 ||x||^2)", minimum=0.0)
+    gram_max_bytes: int = _knob("CUBEFIT_GRAM_MAX_BYTES", 0,
+                                "max bytes of the dense Gram matrix (0: from node memory and ranks)", minimum=0)
+    # --- lambda-weights ---------------------------------------------------------------------
+    lambda_weights_enable: bool = _knob("CUBEFIT_LAMBDA_WEIGHTS_ENABLE", True, "use lambda-weights in solvers")
+    lambda_weights_dset: str = _knob("CUBEFIT_LAMBDA_WEIGHTS_DSET", "/HyperCube/lambda_weights",
+                                     "dataset holding the weights")
+    lambda_min_w: float = _knob("CUBEFIT_LAMBDA_MIN_W", 1e-6, "floor on lambda-weights", minimum=0.0, maximum=1.0)
+    lambda_weights_auto: bool = _knob("CUBEFIT_LAMBDA_WEIGHTS_AUTO", True, "generate weights when missing")
+    # --- fit tracking -----------------------------------------------------------------------
+    fittracker_start: str = _knob("FITTRACKER_START", "spawn", "tracker writer start method",
+                                  choices=("spawn", "forkserver", "fork", "thread"))
+    tracker_qsize: int = _knob("CUBEFIT_TRACKER_QSIZE", 8192, "tracker queue size", minimum=1)
+    tracker_flush_every: int = _knob("CUBEFIT_TRACKER_FLUSH_EVERY", 128, "flush after N messages", minimum=1)
+    tracker_flush_sec: float = _knob("CUBEFIT_TRACKER_FLUSH_SEC", 5.0, "flush after this many seconds", minimum=0.0)
+    rmse_stride: int = _knob("CUBEFIT_RMSE_STRIDE", 16, "enqueue every Nth RMSE sample", minimum=1)
+    # --- logging ----------------------------------------------------------------------------
+    log_level: str = _knob("CUBEFIT_LOG_LEVEL", "INFO", "rank-0 log level",
+                           choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Knobs":
+        """Parse knobs from ``environ`` (default ``os.environ``).  Local.
+
+        Raises
+        ------
+        KnobError
+            An unknown ``CUBEFIT_*`` variable (with the closest known name) or a value that
+            does not parse or is out of range.
+        """
+        environ = os.environ if environ is None else environ
+        known = {f.metadata["env"]: f for f in dataclasses.fields(cls)}
+        for name in environ:
+            if name in JOBSCRIPT_VARIABLES or _JOBSCRIPT_ARGS.match(name):
+                continue
+            if name.startswith("CUBEFIT_") and name not in known:
+                close = difflib.get_close_matches(name, list(known), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise KnobError(f"{name}: unknown cubefit_mpi environment variable{hint}")
+        values = {}
+        for env, f in known.items():
+            if env in environ and environ[env].strip() != "":
+                values[f.name] = _parse(env, environ[env], f)
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{ENV_NAME: value}`` for logging and for storing as HDF5 attributes.  Local."""
+        return {f.metadata["env"]: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def differing_from_defaults(self) -> dict[str, Any]:
+        """Only the knobs whose value is not the spec's default.  Local."""
+        return {f.metadata["env"]: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != f.default}
+
+
+def _parse(env: str, raw: str, f: dataclasses.Field) -> Any:
+    kind = type(f.default)
+    text = raw.strip()
+    meta = f.metadata
+    try:
+        if kind is bool:
+            low = text.lower()
+            if low in _TRUE:
+                value: Any = True
+            elif low in _FALSE:
+                value = False
+            else:
+                raise ValueError
+        elif kind is int:
+            value = int(float(text)) if "e" in text.lower() else int(text)
+            if "e" in text.lower() and float(text) != value:
+                raise ValueError
+        elif kind is float:
+            value = float(text)
+            if value != value:  # NaN
+                raise ValueError
+        else:
+            value = text.upper() if env == "CUBEFIT_LOG_LEVEL" else text
+    except ValueError:
+        expected = {bool: "one of 1/0/true/false/yes/no/on/off", int: "an integer",
+                    float: "a number"}.get(kind, "a string")
+        raise KnobError(f"{env}={raw!r}: expected {expected}") from None
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise KnobError(f"{env}={raw!r}: expected one of {', '.join(meta['choices'])}")
+    if meta["minimum"] is not None and value < meta["minimum"]:
+        raise KnobError(f"{env}={raw!r}: expected a value >= {meta['minimum']}")
+    if meta["maximum"] is not None and value > meta["maximum"]:
+        raise KnobError(f"{env}={raw!r}: expected a value <= {meta['maximum']}")
+    if env == "CUBEFIT_LAMBDA_WEIGHTS_DSET" and not value.startswith("/"):
+        raise KnobError(f"{env}={raw!r}: expected an absolute HDF5 path such as /HyperCube/lambda_weights")
+    return value
+
+
+_CACHE: dict[tuple, Knobs] = {}
+
+
+def get_knobs(environ: Mapping[str, str] | None = None) -> Knobs:
+    """The knobs for the current environment, parsed once per distinct environment.  Local.
+
+    The cache is keyed on the knob variables themselves: a changed ``os.environ`` (a test's
+    monkeypatch, ``run``'s ``knobs:`` section) is parsed anew on the next call.
+    """
+    environ = os.environ if environ is None else environ
+    key = tuple(sorted((k, v) for k, v in environ.items()
+                       if k.startswith(("CUBEFIT_", "FITTRACKER_", "HDF5_USE_FILE_LOCKING"))))
+    if key not in _CACHE:
+        _CACHE[key] = Knobs.from_env(environ)
+    return _CACHE[key]
+
+
+def knob_table() -> list[tuple[str, Any, str]]:
+    """``(ENV_NAME, default, description)`` for every knob, for docs and ``init-config``.  Local."""
+    return [(f.metadata["env"], f.default, f.metadata["doc"]) for f in dataclasses.fields(Knobs)]

@@ -1,0 +1,2 @@
+"""The pipeline: the YAML configuration, ``run`` (every step, resumable) and the spec's
+``PipelineRunner``."""

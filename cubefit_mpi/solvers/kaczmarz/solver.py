@@ -1,0 +1,597 @@
+"""Stage: the spec's batched Kaczmarz solver on MPI (``solve --method kaczmarz``).
+
+Ranks form a grid of *S-groups* × *c-bands*.  The C axis is cut into ``c_bands`` logical bands
+(default ``min(ranks, C)``); each S-group has up to ``c_bands`` ranks and each of its ranks owns
+a contiguous block of the logical bands.  ``x`` is replicated on every rank.
+
+An epoch visits every S-tile (chunk-aligned spaxel blocks, hardest first = largest weighted
+data norm, ties by index) once, in *rounds*: in round ``r`` S-group ``g`` takes tile
+``order[r·G + g]``.  For its tile a group
+
+1. reads ``/HyperCube/models`` for each rank's c-range (independent reads, the next tile read
+   ahead in a background thread while this one is worked on, see ``CUBEFIT_READ_AHEAD``; the
+   √w-weighted ``/DataCube`` is held in memory) and forms ``R_w = √w (y − A x)`` (Allreduce over
+   the group).  The band's products are float32 BLAS passes over the blocks as read
+   (:class:`~.band_design.BandDesign`); column energies are computed on the first visit and kept;
+2. runs :func:`~.kaczmarz_steps.band_step` on every logical band (preconditioning, freezing,
+   projection, trust region, band backtracking, polish candidates);
+3. sums the bands' ΔR (Allreduce over the group), applies the global step cap
+   ``√(Σ dx² E) ≤ GLOBAL_TAU·‖Y‖`` and tile-level backtracking: one α per tile;
+4. every ``NNLS_EVERY`` tiles, the group's rank 0 runs the weighted NNLS polish on the best
+   candidates (design rows gathered from the band ranks, λ-subsampled); it is kept only when
+   the tile's weighted RMSE ratio is below ``NNLS_MIN_IMPROVE``;
+5. commits ``x ← max(0, x + dx)`` and, with orbit weights, the ratio step.
+
+Several S-groups: each round's group updates ``dx_g`` are combined as
+``x ← x + β Σ_g dx_g`` with ``β = 1/G_active`` backtracked (``TILE_BT_*``) until the weighted
+residual summed over the round's tiles decreases (β = 0 if it never does).  The sums are done in
+group order on every rank, so the result is deterministic; it depends on the number of groups
+(not on the number of bands' ranks).  With one group, β = 1 and the result is the same for any
+number of ranks holding the same ``c_bands`` (to rounding).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...config.errors import InputError
+from ...config.knobs import get_knobs
+from ...io import layout as lay
+from ...io.h5file import open_h5, open_uncached
+from ...io.read_ahead import ReadAhead
+from ...parallel.collectives import allgather_array, allreduce_sum, bcast_array, gather_rows
+from ...parallel.comm import get_comm, mpi, ranks_on_node
+from ...parallel.decomposition import block_range
+from ...parallel.threads import matvec_blas_threads
+from . import steps as ks
+from .band_design import BandDesign
+from .inputs import check_options, initial_x, load_data, read_x_global, write_solution
+
+_LOG = logging.getLogger("cubefit_mpi.solve")
+DEFAULT_ORBIT_STRENGTH = 0.1
+COUNTERS = ("tiles", "band_steps", "band_rejected", "band_bt_shrinks", "trust_clipped", "frozen_columns",
+            "tile_rejected", "tile_bt_shrinks", "global_capped", "polish_calls", "polish_accepts",
+            "polish_skipped", "sanitised_A", "sanitised_R", "round_bt_shrinks", "rounds_rejected")
+ENERGY_CACHE_BYTES = 256 * 2**20     # per rank: the column energies of every (tile, band) it holds
+
+
+# ---------------------------------------------------------------------------------------------
+# the rank grid
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Grid:
+    """S-groups × c-bands over ``comm``: this rank's group, the logical bands and its own bands.
+
+    ``bands`` lists every logical band ``(c0, c1)``; ``my_bands`` indexes those of this rank,
+    whose union ``c_lo:c_hi`` it reads.  Built collectively by :meth:`make`.
+    """
+
+    comm: object
+    group_comm: object
+    n_groups: int
+    group: int
+    bands: list
+    my_bands: list
+
+    def __post_init__(self):
+        self.group_rank = self.group_comm.Get_rank()
+        self.leader = self.group_rank == 0
+        self.c_lo = self.bands[self.my_bands[0]][0] if self.my_bands else 0
+        self.c_hi = self.bands[self.my_bands[-1]][1] if self.my_bands else 0
+
+    @classmethod
+    def make(cls, comm, n_comp: int, c_bands: int | None) -> "Grid":
+        """Split ``comm`` into S-groups of ``min(c_bands, size)`` ranks.  Collective over comm."""
+        size, rank = comm.Get_size(), comm.Get_rank()
+        n_bands = min(size, n_comp) if c_bands is None else int(c_bands)
+        per_group = min(n_bands, size)
+        n_groups = -(-size // per_group)
+        group = rank // per_group
+        group_comm = comm.Split(group, rank) if size > 1 else comm
+        bands = [block_range(n_comp, n_bands, i) for i in range(n_bands)]
+        b0, b1 = block_range(n_bands, group_comm.Get_size(), group_comm.Get_rank())
+        return cls(comm, group_comm, n_groups, group, bands, list(range(b0, b1)))
+
+    @property
+    def max_bands_per_rank(self) -> int:
+        return -(-len(self.bands) // self.group_comm.Get_size())
+
+    def column_splits(self, P: int) -> np.ndarray:
+        """Column boundaries ``(group size + 1,)``: group rank r holds columns ``[splits[r], splits[r+1])``.  Local."""
+        size, n_bands = self.group_comm.Get_size(), len(self.bands)      # size <= n_bands: no rank is empty
+        starts = [self.bands[block_range(n_bands, size, r)[0]][0] * P for r in range(size)]
+        return np.asarray(starts + [self.bands[-1][1] * P], dtype=np.int64)
+
+    def free(self) -> None:
+        if self.group_comm is not self.comm:
+            self.group_comm.Free()
+
+
+# ---------------------------------------------------------------------------------------------
+# the solver state and one round
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Tile:
+    """What a group holds of one S-tile: this rank's band designs and the weighted data.
+
+    Rows are ``(spaxel, λ)`` over all ``L`` pixels; masked pixels have ``√w = 0`` so that
+    their rows of ``y_w`` and of every design product are zero.
+    """
+
+    index: int
+    n_spaxels: int
+    designs: dict          # band -> BandDesign
+    y_w: np.ndarray        # (n_spaxels * L,) float64
+    sum_w: float           # n_spaxels * Σ_used w
+
+
+class _Run:
+    """Everything one solve needs while the file is open.  Methods are collective as noted."""
+
+    def __init__(self, f, inputs, grid: Grid, knobs, cfg: ks.StepConfig, col_energy, data_w, y_norm,
+                 targets, eta):
+        self.models = open_uncached(f, lay.MODELS)      # each tile is read once per epoch
+        self.planned, self.reader, self.n_read = [], None, 0
+        # a reader thread needs a core of its own: with every core running a rank it made an epoch
+        # 10-20 % slower here (2 ranks on 2 cores); with a spare core it hides the reads (1 rank:
+        # 0.30 -> 0.20 s per epoch, S=500 C=3 P=100 L=1500)
+        spare_core = ranks_on_node(grid.comm) < (os.cpu_count() or 1)
+        self.read_ahead = knobs.read_ahead == "1" or (knobs.read_ahead == "auto" and spare_core)
+        self.inp, self.grid, self.knobs, self.cfg = inputs, grid, knobs, cfg
+        self.P = inputs.P
+        self.col_energy = col_energy.reshape(-1)
+        w = inputs.weights
+        self.w_mean = 1.0 if w is None else float(np.mean(w[inputs.mask]))
+        self.sqrt_w_full = np.zeros(inputs.L)
+        self.sqrt_w_full[inputs.mask] = inputs.sqrt_w
+        self.used = np.flatnonzero(inputs.mask)
+        self.n_used = int(self.used.size)
+        self.data_w = data_w                              # (S, L) √w-weighted, zero on masked pixels
+        self.y_norm, self.targets, self.eta = y_norm, targets, eta
+        self.counts: dict[str, float] = defaultdict(float)   # summed over ranks at the end
+        self.maxima: dict[str, float] = defaultdict(float)
+        self.group_tiles = 0
+        # column energies per (tile, band) do not change between epochs: kept up to a budget
+        n_mine = sum(self.cols(b).stop - self.cols(b).start for b in grid.my_bands)
+        self.energy_cache: dict = {} if n_mine * len(inputs.s_tiles) * 8 <= ENERGY_CACHE_BYTES else None
+        self.checked: set = set()                           # (tile, band) read at least once
+        self.dirty: set = set()                             # (tile, band) with non-finite values
+
+    def cols(self, band: int) -> slice:
+        c0, c1 = self.grid.bands[band]
+        return slice(c0 * self.P, c1 * self.P)
+
+    # --- reading ------------------------------------------------------------------------------
+    def plan_reads(self, order: list, epochs: int) -> None:
+        """Start reading ahead this group's tiles: every epoch, then the objective pass.  Local.
+
+        The reads are independent (no rank waits for another's) and each is made in a
+        background thread while the previous tile is worked on (``CUBEFIT_READ_AHEAD``).
+        """
+        g, inp = self.grid, self.inp
+        G = g.n_groups
+        mine = [order[i] if i < len(order) else None for i in range(g.group, -(-len(order) // G) * G, G)]
+        self.planned = mine * int(epochs) + mine
+        requests = [None if t is None or not g.my_bands else
+                    ((inp.s_tiles[t][0], g.c_lo, 0, 0), (inp.s_tiles[t][1] - inp.s_tiles[t][0], g.c_hi - g.c_lo,
+                                                         self.P, inp.L)) for t in self.planned]
+        self.reader = ReadAhead(self.models, requests, enabled=self.read_ahead)
+
+    def close(self) -> None:
+        """Stop reading ahead.  Local."""
+        if self.reader is not None:
+            self.reader.close()
+
+    def read_tile(self, tile, count: bool = True) -> Tile | None:
+        """This rank's band designs of ``tile`` and its weighted data (None: nothing).  Local.
+
+        ``tile`` must be the next one :meth:`plan_reads` planned.  A band's design is the block
+        as read (float32), sanitised in place when its column energy shows non-finite values;
+        ``count`` adds what was sanitised to the stats.  The block stays valid until the next
+        call but one.
+        """
+        g, inp = self.grid, self.inp
+        if self.n_read >= len(self.planned) or self.planned[self.n_read] != tile:
+            raise RuntimeError(f"kaczmarz: tile {tile} read out of the planned order")
+        self.n_read += 1
+        a = self.reader.next()
+        if tile is None:
+            return None
+        s0, s1 = inp.s_tiles[tile]
+        ns = s1 - s0
+        designs = {}
+        for b in g.my_bands:
+            c0, c1 = g.bands[b]
+            design = BandDesign(a[:, c0 - g.c_lo:c1 - g.c_lo].reshape(ns, (c1 - c0) * self.P, inp.L),
+                                self.sqrt_w_full)
+            key = (tile, b)
+            if key not in self.checked:                    # first read: the energy finds non-finite values
+                self.checked.add(key)
+                energy = design.energy()
+                if not np.all(np.isfinite(energy)):
+                    self.dirty.add(key)
+                elif self.energy_cache is not None:
+                    self.energy_cache[key] = self._with_frozen(energy)
+            if key in self.dirty:                          # sanitised on every read
+                bad = design.sanitize(self.used)
+                self.counts["sanitised_A"] += bad if count else 0
+            designs[b] = design
+        return Tile(tile, ns, designs, self.data_w[s0:s1].reshape(-1), ns * float(np.sum(self.sqrt_w_full ** 2)))
+
+    def energy(self, tile: Tile, band: int) -> tuple[np.ndarray, np.ndarray]:
+        """Column energy ``Σ (√w A_j)²`` of ``band`` on ``tile`` and its frozen columns (cached between epochs).  Local."""
+        key = (tile.index, band)
+        cached = None if self.energy_cache is None else self.energy_cache.get(key)
+        if cached is None:
+            cached = self._with_frozen(tile.designs[band].energy())
+            if self.energy_cache is not None:
+                self.energy_cache[key] = cached
+        return cached
+
+    def _with_frozen(self, energy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return energy, ks.freeze_mask(energy, self.cfg.zero_col_rel, self.cfg.zero_col_abs)
+
+    def apply(self, tile: Tile, xs: np.ndarray, precise: bool = False) -> np.ndarray:
+        """Weighted model ``√w A x (k, rows)`` of the tile for each row of ``xs (k, N)``.  Collective over the group."""
+        out = np.zeros((xs.shape[0], tile.y_w.size))
+        for b, design in tile.designs.items():
+            out += design.matmat(xs[:, self.cols(b)], precise=precise)
+        return allreduce_sum(out, self.grid.group_comm)
+
+    def residual(self, tile: Tile, x) -> np.ndarray:
+        """``R_w = √w (y − A x)`` of the tile, sanitised.  Collective over the group."""
+        r_w = tile.y_w - self.apply(tile, x[None, :])[0]
+        bad = ks.sanitize(r_w)
+        if self.grid.leader:
+            self.counts["sanitised_R"] += bad
+        return r_w
+
+    # --- one tile of one group ----------------------------------------------------------------
+    def group_step(self, tile: Tile, r_w, x, polish_now: bool):
+        """The committed update ``dx (N,)`` of this group's tile and its ``ΔR_w``.  Collective over the group."""
+        g, cfg, knobs, counts = self.grid, self.cfg, self.knobs, self.counts
+        share = tile.n_spaxels / self.inp.S * self.w_mean
+        steps = {}
+        dr = np.zeros_like(r_w)
+        energy_step = 0.0
+        for b, design in tile.designs.items():
+            cols = self.cols(b)
+            energy, frozen = self.energy(tile, b)
+            st = ks.band_step(design, r_w, x[cols], self.col_energy[cols] * share, cfg, energy=energy, frozen=frozen)
+            steps[b] = st
+            dr += st.dr_w
+            energy_step += float(np.sum(st.dx ** 2 * self.col_energy[cols]))
+            counts["band_steps"] += 1
+            counts["band_rejected"] += st.rejected
+            counts["band_bt_shrinks"] += st.shrinks
+            counts["trust_clipped"] += st.trust_clipped
+            counts["frozen_columns"] += st.n_frozen
+            self.maxima["trust_ratio_max"] = max(self.maxima["trust_ratio_max"], st.trust_ratio)
+            self.maxima["frozen_max"] = max(self.maxima["frozen_max"], st.n_frozen)
+        dr = allreduce_sum(dr, g.group_comm)
+        energy_step = float(allreduce_sum(np.array([energy_step]), g.group_comm)[0])
+        scale = ks.cap_scale(energy_step, self.y_norm, knobs.global_tau)
+        p, q = float(r_w @ dr) * scale, float(dr @ dr) * scale * scale
+        alpha, shrinks = ks.backtrack(p, q, steps=knobs.tile_bt_steps, factor=knobs.tile_bt_factor)
+        factor = scale * alpha
+        if g.leader:
+            counts["tiles"] += 1
+            counts["global_capped"] += scale < 1.0
+            counts["tile_rejected"] += alpha == 0.0
+            counts["tile_bt_shrinks"] += shrinks
+            if self.y_norm > 0:
+                ratio = factor * np.sqrt(max(energy_step, 0.0)) / self.y_norm
+                self.maxima["cap_ratio_max"] = max(self.maxima["cap_ratio_max"], ratio)
+        dx = np.zeros_like(x)
+        for b, st in steps.items():
+            dx[self.cols(b)] = st.dx * factor
+        dx = allreduce_sum(dx, g.group_comm)              # one contributor per column: exact
+        r_new = r_w - factor * dr
+        if polish_now:
+            polished = self.polish(tile, r_new, x + dx, steps)
+            if polished is not None:
+                cols, delta, dr_polish = polished
+                dx[cols] += delta
+                r_new = r_new - dr_polish
+        return dx, r_new
+
+    # --- the polish ---------------------------------------------------------------------------
+    def polish(self, tile: Tile, r_w, x_k, steps):
+        """Weighted NNLS on the best candidates, by the group's rank 0.  Collective over the group.
+
+        Returns ``(cols (k,), delta (k,), ΔR_w (rows,))`` when accepted, else None.
+        """
+        g, knobs, counts = self.grid, self.knobs, self.counts
+        proposal = np.full((2, self.cfg.n_candidates * g.max_bands_per_rank), -1.0)   # (index, score), -1 = none
+        mine = [(np.arange(self.cols(b).start, self.cols(b).stop)[st.candidates], st.scores) for b, st in steps.items()]
+        if mine:
+            idx, score = np.concatenate([m[0] for m in mine]), np.concatenate([m[1] for m in mine])
+            proposal[0, :idx.size], proposal[1, :idx.size] = idx, score
+        proposed = allgather_array(proposal, g.group_comm)
+        real = proposed[:, 0, :] >= 0
+        cand = ks.merge_candidates(proposed[:, 0, :][real].astype(np.int64), proposed[:, 1, :][real], knobs.nnls_max_cols)
+        r_norm = float(np.linalg.norm(r_w))
+        pixels = self.used[ks.pixel_subsample(self.n_used, knobs.nnls_sub_l)]
+        rows = (np.arange(tile.n_spaxels)[:, None] * self.inp.L + pixels[None, :]).reshape(-1)
+        width = ks.polish_width(cand.size, rows.size, knobs.nnls_max_cols, knobs.nnls_max_bytes)
+        if width == 0 or r_norm == 0.0:
+            if g.leader:
+                counts["polish_skipped"] += 1
+            return None
+        cand = cand[:width]
+        owner = np.searchsorted(g.column_splits(self.P), cand, side="right") - 1    # group rank of each column
+        here = np.flatnonzero(owner == g.group_rank)                                # ascending column order
+        full = np.empty((here.size, r_w.size))                  # this rank's candidates, all rows (weighted)
+        for b in tile.designs:
+            cols = self.cols(b)
+            inside = (cand[here] >= cols.start) & (cand[here] < cols.stop)
+            if inside.any():
+                full[inside] = tile.designs[b].take(cand[here][inside] - cols.start)
+        stacked = gather_rows(full[:, rows], np.bincount(owner, minlength=g.group_comm.Get_size()), g.group_comm)
+        delta = None
+        if g.leader:
+            sub_design = np.empty((width, rows.size))
+            sub_design[np.argsort(owner, kind="stable")] = stacked     # rank order -> candidate order
+            z = ks.polish_solve(sub_design, r_w[rows], x_k[cand], method=knobs.nnls_solver,
+                                max_iter=knobs.nnls_max_iter)
+            delta = z - x_k[cand]
+            counts["polish_calls"] += 1
+            self.maxima["polish_cols_max"] = max(self.maxima["polish_cols_max"], width)
+            self.maxima["polish_rows_max"] = max(self.maxima["polish_rows_max"], rows.size)
+        delta = bcast_array(delta, g.group_comm)
+        dr = allreduce_sum(delta[here] @ full, g.group_comm)
+        ratio = float(np.linalg.norm(r_w - dr)) / r_norm
+        accepted = ratio < min(knobs.nnls_min_improve, 1.0)     # never let the tile's RMSE rise
+        if g.leader:
+            counts["polish_accepts"] += accepted
+        return (cand, delta, dr) if accepted else None
+
+    # --- one round of all groups --------------------------------------------------------------
+    def round(self, x: np.ndarray, tiles: list, polish_enabled: bool) -> tuple[np.ndarray, list]:
+        """One round: every group steps on its tile, updates combine.  Collective over comm.
+
+        Parameters
+        ----------
+        x : (N,) float64; tiles : (G,) tile index per group, None where a group has none
+
+        Returns
+        -------
+        x_new : (N,) float64; records : list of (group, tile, rmse_before, rmse_after, r2_after, sum_w)
+        """
+        g = self.grid
+        tile = tiles[g.group]
+        watched = ("sanitised_A", "sanitised_R", "frozen_columns")
+        before = [self.counts[k] for k in watched]
+        held = self.read_tile(tile)
+        dx_g, local = np.zeros_like(x), None
+        if held is not None:
+            r_w = self.residual(held, x)
+            self.group_tiles += 1
+            polish_now = polish_enabled and self.group_tiles % self.knobs.nnls_every == 0
+            dx_g, r_new = self.group_step(held, r_w, x, polish_now)
+            local = (held, r_w, r_new)
+            if self.knobs.debug_safe:
+                found = allreduce_sum(np.array([self.counts[k] for k in watched]) - before, g.group_comm)
+                if g.leader:
+                    _LOG.info("debug-safe tile %d: sanitised %d A values and %d residuals, %d frozen columns",
+                              tile, *(int(v) for v in found))
+        if g.n_groups == 1:
+            held, r_w, r_new = local
+            r2, r2_new = float(r_w @ r_w), float(r_new @ r_new)
+            x_new = x + dx_g
+            records = [(0, tiles[0], r2, r2_new, held.sum_w)]
+        else:
+            x_new, records = self._combine(x, dx_g, local, tiles)
+        if self.cfg.project_nonneg:
+            np.maximum(x_new, 0.0, out=x_new)
+        if self.targets is not None and self.eta > 0:
+            x_new = ks.ratio_step(x_new.reshape(-1, self.P), self.targets, self.eta).reshape(-1)
+        out = [(grp, t, ks.weighted_rmse(r2, sw), ks.weighted_rmse(r2n, sw), r2n, sw)
+               for grp, t, r2, r2n, sw in records]
+        return x_new, out
+
+    def _combine(self, x, dx_g, local, tiles):
+        """β-averaged sum of the groups' updates with round-level backtracking.  Collective over comm."""
+        g, G = self.grid, self.grid.n_groups
+        slots = np.zeros((G, x.size))
+        if g.leader and local is not None:
+            slots[g.group] = dx_g
+        slots = allreduce_sum(slots, g.comm)               # one contributor per row: exact
+        dx_round = np.zeros_like(x)
+        for row in slots:                                  # group order: the same on every rank
+            dx_round += row
+        vals = np.zeros((G, 4))
+        if local is not None:
+            held, r_w, _ = local
+            dr = self.apply(held, dx_round[None, :])[0]
+            if g.leader:
+                vals[g.group] = (float(r_w @ r_w), float(r_w @ dr), float(dr @ dr), held.sum_w)
+        vals = allreduce_sum(vals, g.comm)
+        p, q = float(np.sum(vals[:, 1])), float(np.sum(vals[:, 2]))
+        beta, shrinks = ks.backtrack(p, q, steps=self.knobs.tile_bt_steps, factor=self.knobs.tile_bt_factor,
+                                     alpha0=1.0 / sum(t is not None for t in tiles))
+        if g.comm.Get_rank() == 0:
+            self.counts["round_bt_shrinks"] += shrinks
+            self.counts["rounds_rejected"] += beta == 0.0
+        records = [(grp, tiles[grp], r2, r2 - 2 * beta * pp + beta * beta * qq, sw)
+                   for grp, (r2, pp, qq, sw) in enumerate(vals) if tiles[grp] is not None]
+        return x + beta * dx_round, records
+
+    # --- objective pass -----------------------------------------------------------------------
+    def objective(self, xs: np.ndarray, order: list) -> np.ndarray:
+        """``½ Σ w r²`` over the whole cube for each row of ``xs (k, N)``, in float64.  Collective over comm."""
+        g = self.grid
+        total = np.zeros(xs.shape[0])
+        for r in range(-(-len(order) // g.n_groups)):
+            i = r * g.n_groups + g.group
+            held = self.read_tile(order[i] if i < len(order) else None, count=False)
+            if held is None:
+                continue
+            resid = held.y_w[None, :] - self.apply(held, xs, precise=True)
+            if g.leader:
+                total += 0.5 * np.einsum("ij,ij->i", resid, resid)
+        return allreduce_sum(total if g.leader else np.zeros_like(total), g.comm)
+
+
+# ---------------------------------------------------------------------------------------------
+# the entry point
+# ---------------------------------------------------------------------------------------------
+def solve_kaczmarz(path, *, epochs: int = 1, lr: float = 1.0, project_nonneg: bool = True,
+                   orbit_weights=None, orbit_strength: float | None = None, warm_start="zeros",
+                   x0=None, tracker=None, comm=None, knobs=None, c_bands: int | None = None,
+                   decorrelate: float = 0.0, use_weights: bool = True, **ignored) -> tuple[np.ndarray, dict]:
+    """The spec's batched Kaczmarz solve of ``path``; writes ``/X_global``.  Collective over comm.
+
+    Parameters
+    ----------
+    path : str, a cube file with a complete ``/HyperCube/models`` and ``/DataCube``
+    epochs : int, passes over all S-tiles
+    lr : float, base learning rate of the preconditioned step
+    project_nonneg : bool, keep x ≥ 0 (False also disables the NNLS polish)
+    orbit_weights : (C,) array, dataset "/...", .npy/.txt file or "a,b,c"; component-total targets
+    orbit_strength : float in [0, 1], fraction of the way to the targets per tile (default 0.1
+        when ``orbit_weights`` is given)
+    warm_start : "zeros" | "exact" | "resume" | "jacobi" | (N,) array
+    x0 : (N,) array, optional; overrides ``warm_start``
+    tracker : object with ``log_rmse``, ``progress``, ``snapshot`` (rank 0 calls it), or None
+    comm : MPI communicator, default ``MPI.COMM_WORLD``
+    knobs : :class:`~cubefit_mpi.config.knobs.Knobs`, default :func:`~cubefit_mpi.config.knobs.get_knobs`
+    c_bands : int, logical c-bands (default ``min(ranks, C)``)
+    decorrelate : float in [0, 1], η of the de-correlation nudge (0 = off)
+    use_weights : bool, use the λ-weights (also off when ``CUBEFIT_LAMBDA_WEIGHTS_ENABLE=0``)
+
+    Returns
+    -------
+    x : (C·P,) float64, row-major over (C, P)
+    stats : dict (see ``docs/kaczmarz.md``)
+    """
+    from ..exact import parse_orbit_weights
+    from ..gram import load_solve_inputs
+
+    comm = get_comm(comm)
+    t0 = time.perf_counter()
+    knobs = get_knobs() if knobs is None else knobs
+    rank0 = comm.Get_rank() == 0
+    inputs = load_solve_inputs(path, use_weights=use_weights and knobs.lambda_weights_enable, comm=comm)
+    C, P, n = inputs.C, inputs.P, inputs.n_params
+    check_options(epochs, lr, c_bands, C, orbit_strength, decorrelate)
+    if not inputs.mask.any():
+        raise InputError(f"{lay.MASK}: every pixel is masked; nothing to fit")
+    targets = parse_orbit_weights(orbit_weights, C, path)
+    eta = 0.0 if targets is None else (DEFAULT_ORBIT_STRENGTH if orbit_strength is None else float(orbit_strength))
+    if targets is not None and eta == 0.0 and rank0:
+        _LOG.warning("orbit weights given with orbit_strength=0: no ratio step is made")
+    if ignored and rank0:
+        _LOG.info("kaczmarz: options ignored: %s", ", ".join(sorted(ignored)))
+    if inputs.weights is not None and rank0:
+        from ...numerics.lambda_weights import weights_banner
+
+        _LOG.info(weights_banner(inputs.weights, inputs.mask))
+    x, start = initial_x(path, inputs, warm_start, x0, comm, knobs.eps)
+    if project_nonneg:
+        x = np.maximum(x, 0.0)
+    x_ref = read_x_global(path, n, comm, require_exact=False)
+    cfg = ks.StepConfig.from_knobs(knobs, lr=lr, decorrelate=decorrelate, project_nonneg=project_nonneg, block=P)
+    grid = Grid.make(comm, C, c_bands)
+    polish_enabled = knobs.nnls_enable and project_nonneg and knobs.nnls_prop_per_band > 0
+    history = {k: [] for k in ("epoch", "round", "tile", "group", "rmse_before", "rmse", "sum_w")}
+    try:
+        with open_h5(path, "r", comm) as f, matvec_blas_threads(knobs.blas_threads):
+            if lay.COL_ENERGY not in f or f[lay.COL_ENERGY].shape != (C, P):
+                raise InputError(f"{lay.COL_ENERGY}: expected a ({C}, {P}) dataset; rebuild it with "
+                                 f"`cubefit_mpi energy {path}`")
+            col_energy = np.nan_to_num(np.asarray(f[lay.COL_ENERGY][...], dtype=np.float64))
+            data_w, weighted_norms, y_norm = load_data(f, inputs, comm)
+            order = sorted(range(len(inputs.s_tiles)), key=lambda t: (-weighted_norms[t], t))
+            run = _Run(f, inputs, grid, knobs, cfg, col_energy, data_w, y_norm, targets, eta)
+            if rank0:
+                _LOG.info("kaczmarz: N=%d (C=%d, P=%d), %d S-tiles, %d S-group(s) x %d c-band(s) on %d rank(s), "
+                          "%d epoch(s), lr=%g, start=%s, knobs %s", n, C, P, len(order), grid.n_groups,
+                          len(grid.bands), comm.Get_size(), epochs, lr, start, knobs.differing_from_defaults())
+            run.plan_reads(order, int(epochs))
+            try:
+                x, objectives, epoch_seconds = _iterate(run, x, x_ref, order, int(epochs), polish_enabled, history,
+                                                        tracker)
+            finally:
+                run.close()
+    finally:
+        grid.free()
+    stats = _finish_stats(run, comm, history, objectives, weighted_norms, x, x_ref, C, P)
+    stats.update(method="kaczmarz", epochs=int(epochs), lr=float(lr), n_params=n, c_bands=len(grid.bands),
+                 s_groups=grid.n_groups, n_ranks=comm.Get_size(), warm_start=start, orbit_strength=eta,
+                 decorrelate=float(decorrelate), seconds=time.perf_counter() - t0,
+                 epoch_seconds=np.asarray(epoch_seconds), read_ahead=bool(run.reader.threaded))
+    write_solution(path, x, stats, knobs, comm)
+    if rank0:
+        _LOG.info("kaczmarz done: objective %.10g (1/2 chi2), %d tile steps, polish %d/%d accepted%s, %.1fs",
+                  stats["objective"], stats["tiles"], stats["polish_accepts"], stats["polish_calls"],
+                  "" if "gap_rel" not in stats else f", gap to the exact optimum {stats['gap_rel']:.3g} "
+                  f"(relative to the decrease from x=0)", stats["seconds"])
+    return x, stats
+
+
+def _iterate(run: _Run, x, x_ref, order: list, epochs: int, polish_enabled: bool, history: dict, tracker):
+    """The epochs, then the objective of the result (and of ``x_ref``).  Collective over comm.
+
+    Returns ``(x, objectives (1 or 2,), seconds per epoch (epochs,))``; appends to ``history``.
+    """
+    rank0 = run.grid.comm.Get_rank() == 0
+    G = run.grid.n_groups
+    n_rounds = -(-len(order) // G)
+    step, epoch_seconds = 0, []
+    for epoch in range(1, epochs + 1):
+        t_epoch = time.perf_counter()
+        r2_sum = sw_sum = 0.0
+        for r in range(n_rounds):
+            tiles = [order[r * G + grp] if r * G + grp < len(order) else None for grp in range(G)]
+            x, records = run.round(x, tiles, polish_enabled)
+            for grp, tile, before, after, r2n, sw in records:
+                for key, val in zip(history, (epoch, r, tile, grp, before, after, sw)):
+                    history[key].append(val)
+                r2_sum, sw_sum = r2_sum + r2n, sw_sum + sw
+                step += 1
+                if rank0 and tracker is not None and grp == 0:
+                    tracker.log_rmse(step, epoch, after)
+            if rank0 and tracker is not None:
+                tracker.progress(epoch, min((r + 1) * G, len(order)), len(order))
+        epoch_rmse = ks.weighted_rmse(r2_sum, sw_sum)
+        epoch_seconds.append(time.perf_counter() - t_epoch)
+        if rank0:
+            if tracker is not None:
+                tracker.snapshot(x, epoch, epoch_rmse)
+            _LOG.info("kaczmarz epoch %d/%d: %d tiles, tile RMSE (after steps) %.6g, polish %d/%d "
+                      "accepted so far%s, %.2fs", epoch, epochs, len(order), epoch_rmse,
+                      run.counts["polish_accepts"], run.counts["polish_calls"],
+                      " in S-group 0" if G > 1 else "", epoch_seconds[-1])
+    xs = x[None, :] if x_ref is None else np.vstack([x, x_ref])
+    return x, run.objective(xs, order), epoch_seconds
+
+
+def _finish_stats(run: _Run, comm, history, objectives, weighted_norms, x, x_ref, C, P) -> dict:
+    """Reduce the counters and assemble the stats dict.  Collective over comm."""
+    totals = allreduce_sum(np.array([run.counts.get(k, 0.0) for k in COUNTERS]), comm)
+    stats = {k: int(v) for k, v in zip(COUNTERS, totals)}
+    for key in ("trust_ratio_max", "cap_ratio_max", "frozen_max", "polish_cols_max", "polish_rows_max"):
+        stats[key] = comm.allreduce(float(run.maxima.get(key, 0.0)), op=mpi().MAX)
+    stats["accepted_steps"] = stats["tiles"] - stats["tile_rejected"]
+    stats["rejected_steps"] = stats["tile_rejected"]
+    for key, values in history.items():          # one entry per tile step, in order
+        name = {"rmse": "rmse_history", "rmse_before": "rmse_before", "sum_w": "history_sum_w"}.get(
+            key, f"history_{key}s")
+        stats[name] = np.asarray(values, dtype=np.float64 if key.startswith(("rmse", "sum")) else np.int64)
+    stats["objective"] = float(objectives[0])
+    stats["chi2"] = 2.0 * float(objectives[0])
+    stats["objective_zero"] = 0.5 * float(np.sum(weighted_norms))
+    stats["component_totals"] = x.reshape(C, P).sum(axis=1)
+    if x_ref is not None:
+        f_ref, f0 = float(objectives[1]), stats["objective_zero"]
+        stats["exact_objective"] = f_ref
+        stats["gap_abs"] = stats["objective"] - f_ref
+        stats["gap_rel"] = stats["gap_abs"] / (f0 - f_ref) if f0 > f_ref else 0.0
+        stats["x_distance_rel"] = float(np.linalg.norm(x - x_ref) / max(np.linalg.norm(x_ref), 1e-300))
+    return stats

@@ -1,0 +1,347 @@
+"""Stage ``recon``: the model cube ``Ŷ = A·x`` and per-spaxel residual statistics.
+
+``Ŷ[s, :] = Σ_{c,p} x[c, p] · A[s, c, p, :]`` with ``A = /HyperCube/models (S, C, P, L)``, computed
+in S-tiles dealt to the ranks.  Each rank reads, per tile, only the (c, p) blocks of ``A`` whose
+weights are not all zero (blocks aligned to the dataset's chunks), converts them to float64 and
+contracts them against ``x`` into a ``(S_tile, L)`` float64 accumulator: at most one tile and
+one block are in memory per rank.  Reads and writes are collective rounds (every rank makes the
+same calls, empty selections on ranks with no tile left).
+
+Written datasets (``out`` defaults to ``/ReconCube``)::
+
+    out            (S, L) float64   the reconstruction
+    out + "_chi2"  (S,)   float64   Σ_λ w_λ (y − ŷ)²  over used pixels (w = 1 without λ-weights)
+    out + "_rmse"  (S,)   float64   sqrt(mean (y − ŷ)²) over used pixels (never weighted)
+
+"Used pixels" are those where ``/Mask`` is True (all when absent) and the data are finite.
+Attributes on ``out`` say from which x dataset and when the reconstruction was made, and how
+χ² was weighted.
+
+The numerics (:func:`active_blocks`, :func:`contract_block`, :func:`residual_stats`) are pure
+functions of arrays; :func:`model_rows` lets the plots compute a few rows without a stored
+reconstruction.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config.errors import InputError
+from ..config.knobs import get_knobs
+from ..io import layout as lay
+from ..io.blocks import read_block, write_block
+from ..io.h5file import open_h5
+from ..numerics.lambda_weights import finalize_weights
+from ..numerics.reconstruction import active_blocks, contract_block, residual_stats, x_checksum
+from ..parallel.collectives import agree, allreduce_sum, check_all_ranks
+from ..parallel.comm import get_comm
+from ..parallel.decomposition import owned_tiles, padded_schedule, tile_bounds
+
+_LOG = logging.getLogger("cubefit_mpi.stages.recon")
+
+RECON_DEFAULT = "/ReconCube"
+CHI2_SUFFIX = "_chi2"
+RMSE_SUFFIX = "_rmse"
+TILE_BUDGET_BYTES = 64 * 2**20      # float64 bytes of one models block when the dataset is unchunked
+RECON_MARKER = "recon.x_dataset"    # attribute that identifies a dataset written by this stage
+
+# datasets that recon must never overwrite
+_PROTECTED = (lay.TEMPLATES, lay.TEM_PIX, lay.OBS_PIX, lay.R_T, lay.LOSVD, lay.VEL_PIX, lay.DATACUBE,
+              lay.MASK, lay.DATA_FLUX, lay.MODELS, lay.DONE, lay.COL_ENERGY, lay.LOSVD_AMP,
+              lay.LOSVD_AMP_SUM, lay.LAMBDA_WEIGHTS, lay.X_GLOBAL, lay.TRUTH_X, lay.SPAXEL_XY)
+
+
+# ---------------------------------------------------------------------------------------------
+# numerics (local, no I/O)
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the inputs (local per rank; InputError on bad input)
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReconInputs:
+    """What a reconstruction needs besides ``A`` itself (all small).
+
+    Attributes
+    ----------
+    shape : (S, C, P, L) of ``/HyperCube/models``
+    chunks : (S_chunk, C_chunk, P_chunk) block shape used to read ``A``
+    x_cp : (C, P) float64, the weights
+    used : (L,) bool or None, ``/Mask``
+    weights : (L,) float64 or None, λ-weights (floored) used in χ²
+    weighting : str, how χ² is weighted (stored as an attribute)
+    """
+
+    shape: tuple[int, int, int, int]
+    chunks: tuple[int, int, int]
+    x_cp: np.ndarray
+    used: np.ndarray | None
+    weights: np.ndarray | None
+    weighting: str
+
+
+def normalise_name(name: str) -> str:
+    """Absolute HDF5 path (``ReconCube`` -> ``/ReconCube``).  Local."""
+    name = str(name).strip()
+    return name if name.startswith("/") else "/" + name
+
+
+def require_models(f, path: str):
+    """``/HyperCube/models`` after checking it exists, is 4-D and complete.  Local.
+
+    A hypercube whose ``complete`` attribute is False, or whose ``_done`` bitmap has missing
+    tiles when the attribute is absent, is an :class:`InputError` telling to run the build; one
+    left half-way through a normalisation conversion is an error telling to finish it.
+    """
+    if lay.MODELS not in f:
+        raise InputError(f"{lay.MODELS}: dataset missing from {path}; run `cubefit_mpi build {path}` first")
+    models = f[lay.MODELS]
+    if len(models.shape) != 4:
+        raise InputError(f"{lay.MODELS}: expected 4 dimensions (S, C, P, L), got shape {models.shape}")
+    converting = f[lay.HYPERCUBE].attrs.get("norm.converting_to")
+    if converting:
+        raise InputError(f"{lay.HYPERCUBE}: an interrupted conversion to {converting!r} must be finished "
+                         f"first (`cubefit_mpi convert-norm {path} --to {converting}`)")
+    complete = f[lay.HYPERCUBE].attrs.get("complete")
+    if complete is None and lay.DONE in f:
+        complete = bool(np.all(np.asarray(f[lay.DONE][...]) != 0))
+    if complete is not None and not bool(complete):
+        raise InputError(f"{lay.MODELS}: hypercube incomplete (complete=False); "
+                         f"run `cubefit_mpi build {path}` to finish it")
+    return models
+
+
+def read_x(f, x_dataset: str, n_comp: int, n_pop: int) -> np.ndarray:
+    """The weights as (C, P) float64 after checking size, finiteness and sign.  Local."""
+    if x_dataset not in f:
+        raise InputError(f"{x_dataset}: dataset missing from {f.filename}; run `cubefit_mpi solve` first")
+    x = np.asarray(f[x_dataset][...], dtype=np.float64)
+    if x.size != n_comp * n_pop:
+        raise InputError(f"{x_dataset}: expected C*P = {n_comp}*{n_pop} = {n_comp * n_pop} values "
+                         f"(row-major over (C, P)), got shape {x.shape}")
+    x = x.reshape(n_comp, n_pop)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        c, p = np.argwhere(bad)[0]
+        raise InputError(f"{x_dataset}: non-finite value at (c={c}, p={p}); expected finite x >= 0")
+    if (x < 0).any():
+        c, p = np.argwhere(x < 0)[0]
+        raise InputError(f"{x_dataset}: negative value {x[c, p]:.3g} at (c={c}, p={p}); expected x >= 0")
+    return x
+
+
+def read_mask_and_weights(f, n_lam: int) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+    """``/Mask`` and the λ-weights used for χ², with a description of the weighting.  Local.
+
+    The weights come from ``CUBEFIT_LAMBDA_WEIGHTS_DSET`` (default ``/HyperCube/lambda_weights``)
+    when it exists and ``CUBEFIT_LAMBDA_WEIGHTS_ENABLE`` is on, floored at
+    ``CUBEFIT_LAMBDA_MIN_W`` (``lambda_weights.finalize_weights``, as the solvers do).  Missing
+    weights are not generated here.
+    """
+    used = None
+    if lay.MASK in f:
+        used = np.asarray(f[lay.MASK][...])
+        if used.shape != (n_lam,):
+            raise InputError(f"{lay.MASK}: expected shape ({n_lam},), got {used.shape}")
+        used = used.astype(bool)
+        if not used.any():
+            raise InputError(f"{lay.MASK}: every pixel is masked; expected at least one True pixel")
+    knobs = get_knobs()
+    name = knobs.lambda_weights_dset
+    if not knobs.lambda_weights_enable or name not in f:
+        why = "disabled by CUBEFIT_LAMBDA_WEIGHTS_ENABLE" if name in f else f"{name} absent"
+        return used, None, f"unweighted ({why})"
+    if f[name].shape != (n_lam,):
+        raise InputError(f"{name}: expected shape ({n_lam},), got {f[name].shape}")
+    floor = knobs.lambda_min_w
+    try:
+        weights = finalize_weights(np.asarray(f[name][...], dtype=np.float64), used, floor)
+    except ValueError as exc:
+        raise InputError(f"{name}: {exc}") from None
+    return used, weights, f"lambda-weighted ({name}, floor {floor:g})"
+
+
+def read_inputs(f, path: str, x_dataset: str) -> ReconInputs:
+    """Validate and read everything small a reconstruction needs.  Local."""
+    models = require_models(f, path)
+    n_s, n_c, n_p, n_l = models.shape
+    if lay.DATACUBE not in f:
+        raise InputError(f"{lay.DATACUBE}: dataset missing from {path}; it is needed for chi2/rmse")
+    if f[lay.DATACUBE].shape != (n_s, n_l):
+        raise InputError(f"{lay.DATACUBE}: expected shape ({n_s}, {n_l}) to match {lay.MODELS}, "
+                         f"got {f[lay.DATACUBE].shape}")
+    x_cp = read_x(f, x_dataset, n_c, n_p)
+    used, weights, weighting = read_mask_and_weights(f, n_l)
+    chunks = models.chunks[:3] if models.chunks is not None else None
+    return ReconInputs((n_s, n_c, n_p, n_l), chunks, x_cp, used, weights, weighting)
+
+
+def _check_out(f, out: str, x_dataset: str) -> None:
+    for name in (out, out + CHI2_SUFFIX, out + RMSE_SUFFIX):
+        if name in _PROTECTED or name == x_dataset:
+            raise InputError(f"--out {out}: {name} is an input or solver dataset; choose another name")
+        if name in f:
+            obj = f[name]
+            if not hasattr(obj, "shape") or RECON_MARKER not in obj.attrs:
+                raise InputError(f"--out {out}: {name} exists and was not written by `cubefit_mpi recon`; "
+                                 f"choose another name or delete it")
+
+
+def plan_tiles(inputs: ReconInputs, s_tile: int | None) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """S-tile length and the (c, p) blocks to read.  Local.
+
+    With a chunked ``models`` the tile is a multiple of ``S_chunk`` (``s_tile`` rounded up; the
+    chunk itself by default) and the blocks are whole (C_chunk, P_chunk) chunks.  Unchunked, a
+    block is one component over all P and the default tile keeps it under 64 MiB in float64.
+    """
+    n_s, _, n_p, n_l = inputs.shape
+    if s_tile is not None and (int(s_tile) != s_tile or s_tile < 1):
+        raise InputError(f"--s-tile {s_tile}: expected a positive integer")
+    if inputs.chunks is not None:
+        s_chunk, c_chunk, p_chunk = inputs.chunks
+        tile = s_chunk if s_tile is None else -(-int(s_tile) // s_chunk) * s_chunk
+    else:
+        c_chunk, p_chunk = 1, n_p
+        tile = max(1, TILE_BUDGET_BYTES // (8 * n_p * n_l)) if s_tile is None else int(s_tile)
+    return min(tile, n_s), active_blocks(inputs.x_cp, c_chunk, p_chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+# ---------------------------------------------------------------------------------------------
+def reconstruct(path, *, out: str = RECON_DEFAULT, x_dataset: str = lay.X_GLOBAL,
+                s_tile: int | None = None, comm=None) -> dict:
+    """Write ``out = A·x`` (S, L) float64 and per-spaxel ``out_chi2``, ``out_rmse``.  Collective over comm.
+
+    Parameters
+    ----------
+    path : str
+        The cube file; ``/HyperCube/models (S, C, P, L)`` must be complete.
+    out : str
+        Dataset to write (an earlier reconstruction there is replaced after validation).
+    x_dataset : str
+        The weights, (C*P,) row-major over (C, P), >= 0.
+    s_tile : int, optional
+        Spaxels per tile (rounded up to whole chunks).  Default: the chunk's ``S_chunk``.
+    comm : MPI communicator, default ``MPI.COMM_WORLD``
+
+    Returns
+    -------
+    dict with ``out``, ``chi2``/``rmse`` dataset names, ``x_dataset``, ``shape`` (S, L),
+    ``s_tile``, ``n_tiles``, ``blocks_read`` (reads of ``A`` per tile), ``components_read``
+    (components with a non-zero weight) and ``components_total`` (C), ``chi2_total``
+    (Σ_s χ²), ``rmse_global`` (over all used pixels), ``weighting``, ``seconds``.
+
+    Raises
+    ------
+    InputError
+        On every rank, before anything is written: models missing or incomplete, data missing
+        or mis-shaped, x of the wrong length / negative / non-finite, bad mask or weights, an
+        ``out`` that would overwrite an input.
+    """
+    comm = get_comm(comm)
+    t0 = time.perf_counter()
+    path = os.fspath(path)
+    out, x_dataset = normalise_name(out), normalise_name(x_dataset)
+
+    def _validate():
+        with open_h5(path, "r", comm) as f:
+            inputs = read_inputs(f, path, x_dataset)
+            _check_out(f, out, x_dataset)
+        return inputs, plan_tiles(inputs, s_tile)
+
+    inputs, (tile, blocks) = check_all_ranks(_validate, comm=comm)
+    n_s, _, _, n_l = inputs.shape
+    tiles = tile_bounds(n_s, tile)
+    mine = [tiles[i] for i in owned_tiles(len(tiles), comm)]
+    created = agree(_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), comm)
+    attrs = {RECON_MARKER: x_dataset, "recon.created": created, "recon.x_crc32": x_checksum(inputs.x_cp),
+             "recon.models": lay.MODELS, "recon.formula": "Y[s,l] = sum_{c,p} x[c,p] A[s,c,p,l]",
+             "chi2.weighting": inputs.weighting,
+             "chi2.definition": "sum over used pixels of w_l (y - yhat)^2 (w = 1 when unweighted)",
+             "rmse.definition": "sqrt(mean over used pixels of (y - yhat)^2), unweighted",
+             "used_pixels": "Mask True (all if no /Mask) and finite data"}
+    chi2_local, sq_local, n_local = 0.0, 0.0, 0
+    with open_h5(path, "r+", comm) as f:
+        recon_d = _output_dataset(f, out, (n_s, n_l), attrs)
+        chi2_d = _output_dataset(f, out + CHI2_SUFFIX, (n_s,), attrs)
+        rmse_d = _output_dataset(f, out + RMSE_SUFFIX, (n_s,), attrs)
+        models, data_d = f[lay.MODELS], f[lay.DATACUBE]
+        for item in padded_schedule(mine, comm):
+            have = item is not None
+            s0, s1 = item if have else (0, 0)
+            n_rows = s1 - s0
+            acc = np.zeros((n_rows, n_l)) if have else None
+            for c0, c1, p0, p1 in blocks:
+                block = read_block(models, (s0, c0, p0, 0) if have else None,
+                                   (n_rows, c1 - c0, p1 - p0, n_l) if have else None, dtype=np.float64)
+                if have:
+                    acc += contract_block(block, inputs.x_cp[c0:c1, p0:p1])
+            data = read_block(data_d, (s0, 0) if have else None, (n_rows, n_l) if have else None,
+                              dtype=np.float64)
+            chi2 = rmse = None
+            if have:
+                chi2, rmse, n_used = residual_stats(data, acc, inputs.used, inputs.weights)
+                chi2_local += float(chi2.sum())
+                sq_local += float(np.nansum(rmse ** 2 * n_used))
+                n_local += int(n_used.sum())
+            write_block(recon_d, (s0, 0) if have else None, acc)
+            write_block(chi2_d, (s0,) if have else None, chi2)
+            write_block(rmse_d, (s0,) if have else None, rmse)
+    chi2_total, sq_total, n_total = allreduce_sum(np.array([chi2_local, sq_local, n_local]), comm)
+    result = {"out": out, "chi2": out + CHI2_SUFFIX, "rmse": out + RMSE_SUFFIX, "x_dataset": x_dataset,
+              "shape": (n_s, n_l), "s_tile": tile, "n_tiles": len(tiles), "blocks_read": len(blocks),
+              "components_read": int(np.count_nonzero(inputs.x_cp.any(axis=1))),
+              "components_total": int(inputs.x_cp.shape[0]),
+              "chi2_total": float(chi2_total),
+              "rmse_global": float(np.sqrt(sq_total / n_total)) if n_total else float("nan"),
+              "weighting": inputs.weighting, "seconds": time.perf_counter() - t0}
+    _LOG.info("recon: %s from %s, S=%d L=%d, %d tiles of %d spaxels on %d rank(s), %d/%d components "
+              "read in %d block(s) per tile, chi2 total %.6g (%s), rmse %.6g, %.1fs", out, x_dataset,
+              n_s, n_l, len(tiles), tile, comm.Get_size(), result["components_read"],
+              result["components_total"], result["blocks_read"], result["chi2_total"], inputs.weighting,
+              result["rmse_global"], result["seconds"])
+    return result
+
+
+def _output_dataset(f, name: str, shape: tuple[int, ...], attrs: dict):
+    """An earlier reconstruction of the same shape is overwritten in place (HDF5 does not reclaim
+    the space of deleted datasets); otherwise the dataset is (re)created.  Collective."""
+    if name in f and (f[name].shape != shape or f[name].dtype != np.float64):
+        del f[name]
+    dset = f[name] if name in f else f.create_dataset(name, shape=shape, dtype="f8")
+    for key, value in attrs.items():
+        dset.attrs[key] = value
+    return dset
+
+
+def model_rows(models, x_cp: np.ndarray, rows, chunks: tuple[int, int] | None = None) -> np.ndarray:
+    """``A[rows]·x`` for a few spaxels, reading only their non-zero (c, p) blocks.  Local.
+
+    Parameters
+    ----------
+    models : h5py.Dataset (S, C, P, L), opened serially
+    x_cp : (C, P) float64
+    rows : sequence of int, spaxel indices
+    chunks : (C_chunk, P_chunk) read block; default the dataset's chunks (or (1, P))
+
+    Returns
+    -------
+    (len(rows), L) float64
+    """
+    n_s, n_c, n_p, n_l = models.shape
+    if chunks is None:
+        chunks = models.chunks[1:3] if models.chunks is not None else (1, n_p)
+    blocks = active_blocks(x_cp, *chunks)
+    result = np.zeros((len(rows), n_l))
+    for i, s in enumerate(rows):
+        for c0, c1, p0, p1 in blocks:
+            block = np.asarray(models[int(s):int(s) + 1, c0:c1, p0:p1, :], dtype=np.float64)
+            result[i] += contract_block(block, x_cp[c0:c1, p0:p1])[0]
+    return result
