@@ -17,9 +17,8 @@ from cubefit_mpi.numerics.constants import SPEED_OF_LIGHT_KMS
 from cubefit_mpi.numerics.convolve import convolve_direct
 from cubefit_mpi.numerics.kernels import interpolation_matrix, losvd_amplitude, shift_to_velocity, unit_kernels
 from cubefit_mpi.stages.build import build_hypercube
-from cubefit_mpi.stages.hypercube_maintenance import (
-    convert_hypercube_norm, invalidate_tiles, recompress, recompute_col_energy
-)
+from cubefit_mpi.stages.convert_norm import convert_hypercube_norm
+from cubefit_mpi.stages.hypercube_maintenance import invalidate_tiles, recompress, recompute_col_energy
 
 SELF = MPI.COMM_SELF
 
@@ -170,7 +169,8 @@ def test_default_chunks_bounded():
 # bad input: clear one-line error, exit 2, file unchanged
 # --------------------------------------------------------------------------------------------
 BAD = [
-    ("missing_rt", lambda f: f.__delitem__("/R_T"), ["build"], "/R_T: dataset missing"),
+    ("templates_nan_no_rt", lambda f: (f["/Templates"].__setitem__((0, 5), np.nan), f.__delitem__("/R_T")),
+     ["build"], r"/Templates: contains NaN/Inf"),
     ("templates_nan", lambda f: f["/Templates"].__setitem__((0, 5), np.nan), ["build"],
      r"/Templates: contains NaN/Inf"),
     ("data_norm_no_data", lambda f: f.__delitem__("/DataCube"), ["build", "--norm", "data"],
@@ -194,6 +194,22 @@ def test_bad_input(small_mock, tmp_path, name, mutate, args, message):
     import re
     assert re.search(message, res.stderr), res.stderr
     assert file_bytes(path) == before
+
+
+def test_build_makes_a_missing_rebin_operator(small_mock, tmp_path):
+    ref, path = tmp_path / "ref.h5", tmp_path / "no_rt.h5"
+    shutil.copy(small_mock, ref)
+    shutil.copy(small_mock, path)
+    with h5py.File(path, "r+") as f:
+        del f["/R_T"]
+    res = run_cli("build", path, "--chunks", "8,2,6")
+    assert res.returncode == 0, res.stderr
+    assert "wrote /R_T" in res.stderr and "overlap rebinning" in res.stderr
+    assert run_cli("build", ref, "--chunks", "8,2,6").returncode == 0
+    with h5py.File(path, "r") as f, h5py.File(ref, "r") as g:
+        assert f["/R_T"].attrs["rebin.mode"] == "overlap"
+        np.testing.assert_array_equal(f["/R_T"][...], g["/R_T"][...])
+        np.testing.assert_array_equal(f["/HyperCube/models"][...], g["/HyperCube/models"][...])
 
 
 def test_zero_kernel_with_amplitude_is_an_error(tmp_path):

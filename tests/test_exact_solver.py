@@ -171,7 +171,7 @@ def test_cache_reused_and_stale_cache_detected(tmp_path):
         f["/DataCube"][0, 0] = f["/DataCube"][0, 0] + 1.0
     _, s3 = solve_exact(str(path), comm=SELF)
     assert not s3["from_cache"]
-    from cubefit_mpi.stages.hypercube_maintenance import convert_hypercube_norm
+    from cubefit_mpi.stages.convert_norm import convert_hypercube_norm
     convert_hypercube_norm(str(path), "data", comm=SELF)   # other models: stale again
     _, s4 = solve_exact(str(path), comm=SELF)
     assert not s4["from_cache"]

@@ -61,7 +61,7 @@ def cmd_build(args, comm) -> int:
 
 
 def cmd_convert(args, comm) -> int:
-    from ..stages.hypercube_maintenance import convert_hypercube_norm
+    from ..stages.convert_norm import convert_hypercube_norm
 
     out = convert_hypercube_norm(args.file, args.to, recompute_energy=not args.no_energy, comm=comm)
     if comm.Get_rank() == 0:

@@ -48,7 +48,7 @@ class PipelineRunner:
             from ..solvers.kaczmarz.solver import solve_kaczmarz
             from ..stages.tracker import FitTracker
 
-            with FitTracker(self.path, comm=self.comm, method="kaczmarz", enabled=track) as tracker:
+            with FitTracker(self.path, comm=self.comm, method="kaczmarz", enabled=track, lazy=True) as tracker:
                 return solve_kaczmarz(self.path, comm=self.comm, tracker=tracker, **options)
 
     def solve_all_mp_batched(self, epochs: int = 1, pixels_per_aperture=None, lr: float = 1.0,

@@ -19,6 +19,7 @@ from ..config.knobs import get_knobs
 from ..io import layout as lay
 from ..io.blocks import read_block
 from ..io.h5file import open_h5, open_uncached
+from ..io.hypercube_state import require_usable_models
 from ..numerics.digest import array_digest, rows_digest
 from ..parallel.collectives import allreduce_sum, reduce_sum
 from ..parallel.comm import get_comm, mpi
@@ -55,35 +56,26 @@ class SolveInputs:
 
 
 def load_solve_inputs(path: str, *, use_weights: bool = True, comm=None) -> SolveInputs:
-    """Check the hypercube is complete, read mask and λ-weights, fingerprint data.  Collective over comm.
+    """Check the hypercube is usable, read mask and λ-weights, fingerprint data.  Collective over comm.
 
-    Raises :class:`InputError` for an incomplete hypercube (naming the missing spaxels and the
-    command that finishes them), a missing data cube, or λ-weights of the wrong length.
+    Raises :class:`InputError` for a hypercube that is not usable
+    (:func:`~cubefit_mpi.io.hypercube_state.require_usable_models`: incomplete, mid-conversion,
+    mid-recompression, built from other inputs), a missing data cube, or λ-weights of the
+    wrong length.  Nothing is written before the hypercube has passed.
     """
     comm = get_comm(comm)
     limit_blas_threads(comm, get_knobs().blas_threads)
+    with open_h5(path, "r", comm) as f:             # refuse an unusable hypercube before writing anything
+        require_usable_models(f, comm)
     weights = None
     if use_weights:
         from ..stages.weights import read_lambda_weights
 
         weights = read_lambda_weights(path, comm=comm)
     with open_h5(path, "r", comm) as f:
-        if lay.MODELS not in f:
-            raise InputError(f"{lay.MODELS}: dataset missing from {path}; run `cubefit_mpi build {path}`")
         models = f[lay.MODELS]
         S, C, P, L = models.shape
         attrs = f[lay.HYPERCUBE].attrs
-        if not bool(attrs.get("complete", True)):
-            missing = ""
-            if lay.DONE in f:
-                from ..io.hypercube_state import missing_spaxel_ranges
-
-                done = np.asarray(f[lay.DONE][...], dtype=bool).all(axis=(1, 2))
-                spans = missing_spaxel_ranges(np.flatnonzero(~done), (models.chunks or models.shape)[0], S)
-                missing = " (missing spaxels " + ", ".join(f"{a}:{b}" for a, b in spans[:8]) + \
-                          (" ..." if len(spans) > 8 else "") + ")"
-            raise InputError(f"{lay.MODELS}: the hypercube is incomplete{missing}; finish it with "
-                             f"`cubefit_mpi build {path}`")
         if lay.DATACUBE not in f:
             raise InputError(f"{lay.DATACUBE}: dataset missing from {path}; the solver fits it")
         if f[lay.DATACUBE].shape != (S, L):

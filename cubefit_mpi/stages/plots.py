@@ -31,11 +31,12 @@ import numpy as np
 from ..config.errors import InputError
 from ..io import layout as lay
 from ..io.h5file import open_h5
+from ..io.hypercube_state import require_usable_models
 from ..numerics.reconstruction import residual_stats, x_checksum
 from ..parallel.collectives import agree, raise_if_any
 from ..parallel.comm import get_comm, mpi
 from .recon import (
-    CHI2_SUFFIX, RECON_DEFAULT, RMSE_SUFFIX, model_rows, normalise_name, read_mask_and_weights, read_x, require_models
+    CHI2_SUFFIX, RECON_DEFAULT, RMSE_SUFFIX, model_rows, normalise_name, read_mask_and_weights, read_x
 )
 
 _LOG = logging.getLogger("cubefit_mpi.stages.plots")
@@ -225,7 +226,7 @@ def plot_spectra(f, path: str, out_path: str, n: int, recon: str | None, x_cp: n
     if recon is not None:
         model = np.asarray(f[recon][rows, :], dtype=np.float64)
     else:
-        model = model_rows(require_models(f, path), x_cp, rows)
+        model = model_rows(require_usable_models(f, mpi().COMM_SELF), x_cp, rows)
     chi2, rmse, _ = residual_stats(data, model, used, weights)
     if recon is None:
         local_best, local_worst = select_best_worst(rmse if rank_by == "rmse" else chi2, n)

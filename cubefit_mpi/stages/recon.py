@@ -36,6 +36,7 @@ from ..config.knobs import get_knobs
 from ..io import layout as lay
 from ..io.blocks import read_block, write_block
 from ..io.h5file import open_h5
+from ..io.hypercube_state import require_usable_models
 from ..numerics.lambda_weights import finalize_weights
 from ..numerics.reconstruction import active_blocks, contract_block, residual_stats, x_checksum
 from ..parallel.collectives import agree, allreduce_sum, check_all_ranks
@@ -92,31 +93,6 @@ def normalise_name(name: str) -> str:
     return name if name.startswith("/") else "/" + name
 
 
-def require_models(f, path: str):
-    """``/HyperCube/models`` after checking it exists, is 4-D and complete.  Local.
-
-    A hypercube whose ``complete`` attribute is False, or whose ``_done`` bitmap has missing
-    tiles when the attribute is absent, is an :class:`InputError` telling to run the build; one
-    left half-way through a normalisation conversion is an error telling to finish it.
-    """
-    if lay.MODELS not in f:
-        raise InputError(f"{lay.MODELS}: dataset missing from {path}; run `cubefit_mpi build {path}` first")
-    models = f[lay.MODELS]
-    if len(models.shape) != 4:
-        raise InputError(f"{lay.MODELS}: expected 4 dimensions (S, C, P, L), got shape {models.shape}")
-    converting = f[lay.HYPERCUBE].attrs.get("norm.converting_to")
-    if converting:
-        raise InputError(f"{lay.HYPERCUBE}: an interrupted conversion to {converting!r} must be finished "
-                         f"first (`cubefit_mpi convert-norm {path} --to {converting}`)")
-    complete = f[lay.HYPERCUBE].attrs.get("complete")
-    if complete is None and lay.DONE in f:
-        complete = bool(np.all(np.asarray(f[lay.DONE][...]) != 0))
-    if complete is not None and not bool(complete):
-        raise InputError(f"{lay.MODELS}: hypercube incomplete (complete=False); "
-                         f"run `cubefit_mpi build {path}` to finish it")
-    return models
-
-
 def read_x(f, x_dataset: str, n_comp: int, n_pop: int) -> np.ndarray:
     """The weights as (C, P) float64 after checking size, finiteness and sign.  Local."""
     if x_dataset not in f:
@@ -167,9 +143,9 @@ def read_mask_and_weights(f, n_lam: int) -> tuple[np.ndarray | None, np.ndarray 
     return used, weights, f"lambda-weighted ({name}, floor {floor:g})"
 
 
-def read_inputs(f, path: str, x_dataset: str) -> ReconInputs:
-    """Validate and read everything small a reconstruction needs.  Local."""
-    models = require_models(f, path)
+def read_inputs(f, path: str, x_dataset: str, comm) -> ReconInputs:
+    """Validate and read everything small a reconstruction needs.  Collective over comm."""
+    models = require_usable_models(f, comm)
     n_s, n_c, n_p, n_l = models.shape
     if lay.DATACUBE not in f:
         raise InputError(f"{lay.DATACUBE}: dataset missing from {path}; it is needed for chi2/rmse")
@@ -252,7 +228,7 @@ def reconstruct(path, *, out: str = RECON_DEFAULT, x_dataset: str = lay.X_GLOBAL
 
     def _validate():
         with open_h5(path, "r", comm) as f:
-            inputs = read_inputs(f, path, x_dataset)
+            inputs = read_inputs(f, path, x_dataset, comm)
             _check_out(f, out, x_dataset)
         return inputs, plan_tiles(inputs, s_tile)
 

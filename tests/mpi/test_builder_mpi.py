@@ -9,9 +9,8 @@ from mpi4py import MPI
 from cubefit_mpi.config.errors import InputError
 from cubefit_mpi.numerics.synthetic_galaxy import MockSpec
 from cubefit_mpi.stages.build import build_hypercube
-from cubefit_mpi.stages.hypercube_maintenance import (
-    convert_hypercube_norm, invalidate_tiles, recompress, recompute_col_energy
-)
+from cubefit_mpi.stages.convert_norm import convert_hypercube_norm
+from cubefit_mpi.stages.hypercube_maintenance import invalidate_tiles, recompress, recompute_col_energy
 from cubefit_mpi.stages.mock import make_mock
 
 pytestmark = pytest.mark.mpi(min_size=2)

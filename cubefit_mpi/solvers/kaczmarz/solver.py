@@ -43,6 +43,7 @@ from ...config.errors import InputError
 from ...config.knobs import get_knobs
 from ...io import layout as lay
 from ...io.h5file import open_h5, open_uncached
+from ...io.hypercube_state import ENERGY_STALE
 from ...io.read_ahead import ReadAhead
 from ...parallel.collectives import allgather_array, allreduce_sum, bcast_array, gather_rows
 from ...parallel.comm import get_comm, mpi, ranks_on_node
@@ -505,6 +506,9 @@ def solve_kaczmarz(path, *, epochs: int = 1, lr: float = 1.0, project_nonneg: bo
             if lay.COL_ENERGY not in f or f[lay.COL_ENERGY].shape != (C, P):
                 raise InputError(f"{lay.COL_ENERGY}: expected a ({C}, {P}) dataset; rebuild it with "
                                  f"`cubefit_mpi energy {path}`")
+            if bool(f[lay.COL_ENERGY].attrs.get(ENERGY_STALE, False)):
+                raise InputError(f"{lay.COL_ENERGY}: stale (the models changed since it was computed); "
+                                 f"recompute it with `cubefit_mpi energy {path}`")
             col_energy = np.nan_to_num(np.asarray(f[lay.COL_ENERGY][...], dtype=np.float64))
             data_w, weighted_norms, y_norm = load_data(f, inputs, comm)
             order = sorted(range(len(inputs.s_tiles)), key=lambda t: (-weighted_norms[t], t))
