@@ -445,10 +445,9 @@ def _parse(argv):
 
 
 def test_cli_handlers(fit_file, capsys):
-    from cubefit_mpi.cli.recon import RECON_DEFAULT
     from cubefit_mpi.stages import recon
 
-    assert RECON_DEFAULT == recon.RECON_DEFAULT
+    assert _parse(["recon", str(fit_file)]).out == recon.RECON_DEFAULT
     models, x = add_fit(fit_file)
     args = _parse(["recon", str(fit_file), "--s-tile", "20"])
     assert args.handler(args, SELF) == 0

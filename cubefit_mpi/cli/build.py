@@ -17,14 +17,30 @@ def _chunks(text: str | None):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("build", help="build /HyperCube/models (resumes an interrupted build)")
+    """Add the hypercube sub-parsers; defaults are :func:`build_hypercube`'s own.  Local."""
+    from ..config.options import default_of
+    from ..stages.build import build_hypercube
+
+    p = sub.add_parser("build", help="build /HyperCube/models (resumes an interrupted build; makes /R_T "
+                                     "when the file has none)")
     p.add_argument("file")
-    p.add_argument("--norm", default="model", help="model | data (default model)")
-    p.add_argument("--amp", default="sum", help="LOSVD amplitude: sum | trapz (default sum)")
+    p.add_argument("--norm", default=default_of(build_hypercube, "norm_mode"),
+                   help="model | data (default %(default)s)")
+    p.add_argument("--amp", default=default_of(build_hypercube, "amp_mode"),
+                   help="LOSVD amplitude: sum | trapz (default %(default)s)")
+    p.add_argument("--rebin-mode", default=default_of(build_hypercube, "rebin_mode"),
+                   help="how a missing /R_T is made: overlap | interp (default %(default)s)")
     p.add_argument("--chunks", default=None, metavar="S,C,P", help="chunk shape (default: ~8 MiB chunks)")
     p.add_argument("--compression", default=None, metavar="gzip[:level]|lzf|none")
     p.add_argument("--force", action="store_true", help="discard an existing hypercube and rebuild")
     p.set_defaults(handler=cmd_build)
+
+    p = sub.add_parser("rebin", help="write /R_T, the rebin operator from the template to the observed grid")
+    p.add_argument("file")
+    p.add_argument("--mode", default=default_of(build_hypercube, "rebin_mode"),
+                   help="overlap (exact, flux-conserving) | interp (two-tap, the predecessor's); default %(default)s")
+    p.add_argument("--force", action="store_true", help="rewrite an existing /R_T")
+    p.set_defaults(handler=cmd_rebin)
 
     p = sub.add_parser("convert-norm", help="flip /HyperCube/models between norm model and data (no FFT)")
     p.add_argument("file")
@@ -53,10 +69,20 @@ def cmd_build(args, comm) -> int:
 
     s, c, p = _chunks(args.chunks)
     out = build_hypercube(args.file, norm_mode=args.norm, amp_mode=args.amp, S_chunk=s, C_chunk=c, P_chunk=p,
-                          compression=args.compression, comm=comm, force=args.force)
+                          compression=args.compression, comm=comm, force=args.force,
+                          rebin_mode=args.rebin_mode)
     if comm.Get_rank() == 0:
         print(f"built {args.file}:/HyperCube/models: {out['units_built']} units built, {out['units_skipped']} "
               f"already done, chunks {out['chunks']}, {out['seconds']:.1f}s on {comm.Get_size()} rank(s)")
+    return 0
+
+
+def cmd_rebin(args, comm) -> int:
+    from ..io.manager import H5Manager
+
+    wrote = H5Manager(args.file, comm=comm).ensure_rebin_and_resample(args.mode, force=args.force)
+    if comm.Get_rank() == 0:
+        print(f"{args.file}:/R_T {'written' if wrote else 'kept (already ' + args.mode + '; --force rewrites it)'}")
     return 0
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..config.errors import InputError
 from ..config.knobs import get_knobs
+from ..config.options import check_number, keyword_checked
 from ..io import layout as lay
 from ..io.blocks import write_block
 from ..io.h5file import open_h5
@@ -127,8 +128,9 @@ def gram_system(inputs: SolveInputs, *, use_cache: bool = True, comm=None) -> di
     return system
 
 
+@keyword_checked
 def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, regul_order: int = 2,
-                orbit_weights=None, orbit_strength: float = 0.0, use_cache: bool = True, verify: bool = True,
+                orbit_weights=None, orbit_strength: float | None = None, use_cache: bool = True, verify: bool = True,
                 use_weights: bool = True, tol: float = 1e-10, exact_method: str = "auto", comm=None
                 ) -> tuple[np.ndarray, dict]:
     """Solve for ``/X_global`` exactly.  Collective over comm.
@@ -153,9 +155,11 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
     comm = get_comm(comm)
     t0 = time.perf_counter()
     knobs = get_knobs()
-    ridge = knobs.nnls_l2 if ridge is None else float(ridge)
-    if ridge < 0 or regul < 0 or orbit_strength < 0:
-        raise InputError("--ridge/--regul/--orbit-strength: expected values >= 0")
+    ridge = knobs.nnls_l2 if ridge is None else check_number("--ridge", ridge, minimum=0.0)
+    regul = check_number("--regul", regul, minimum=0.0)
+    orbit_strength = check_number("--orbit-strength", 0.0 if orbit_strength is None else orbit_strength, minimum=0.0)
+    if orbit_weights is not None and orbit_strength == 0.0:
+        raise InputError("--orbit-weights: the exact method needs --orbit-strength > 0 (the penalty's mu)")
     if regul_order not in (1, 2):
         raise InputError(f"--regul-order {regul_order}: expected 1 or 2")
     inputs = load_solve_inputs(path, use_weights=use_weights, comm=comm)

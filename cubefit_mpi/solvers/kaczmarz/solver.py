@@ -41,6 +41,7 @@ import numpy as np
 
 from ...config.errors import InputError
 from ...config.knobs import get_knobs
+from ...config.options import keyword_checked
 from ...io import layout as lay
 from ...io.h5file import open_h5, open_uncached
 from ...io.hypercube_state import ENERGY_STALE
@@ -442,10 +443,11 @@ class _Run:
 # ---------------------------------------------------------------------------------------------
 # the entry point
 # ---------------------------------------------------------------------------------------------
-def solve_kaczmarz(path, *, epochs: int = 1, lr: float = 1.0, project_nonneg: bool = True,
-                   orbit_weights=None, orbit_strength: float | None = None, warm_start="zeros",
+@keyword_checked
+def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bool = True,
+                   orbit_weights=None, orbit_strength: float | None = None, warm_start: str = "zeros",
                    x0=None, tracker=None, comm=None, knobs=None, c_bands: int | None = None,
-                   decorrelate: float = 0.0, use_weights: bool = True, **ignored) -> tuple[np.ndarray, dict]:
+                   decorrelate: float = 0.0, use_weights: bool = True) -> tuple[np.ndarray, dict]:
     """The spec's batched Kaczmarz solve of ``path``; writes ``/X_global``.  Collective over comm.
 
     Parameters
@@ -487,8 +489,6 @@ def solve_kaczmarz(path, *, epochs: int = 1, lr: float = 1.0, project_nonneg: bo
     eta = 0.0 if targets is None else (DEFAULT_ORBIT_STRENGTH if orbit_strength is None else float(orbit_strength))
     if targets is not None and eta == 0.0 and rank0:
         _LOG.warning("orbit weights given with orbit_strength=0: no ratio step is made")
-    if ignored and rank0:
-        _LOG.info("kaczmarz: options ignored: %s", ", ".join(sorted(ignored)))
     if inputs.weights is not None and rank0:
         from ...numerics.lambda_weights import weights_banner
 
