@@ -12,6 +12,7 @@ import pytest
 from conftest import run_cli
 
 from cubefit_mpi.perf import model as sm
+from cubefit_mpi.solvers.limits import working_set_block
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNGS = ("scaling_time.png", "scaling_speedup.png", "scaling_efficiency.png", "scaling_phases.png")
@@ -51,7 +52,7 @@ def test_next_fast_len_is_the_smallest_7_smooth_number():
 def test_gram_reduction_counts_the_solver_blocks():
     assert sm.gram_reduce_elements(100) == 100 * 100                # one block: the whole matrix
     n = 72_000
-    rows = sm.MAX_MSG_ELEMENTS // n
+    rows = 2**27 // n                                               # MAX_MSG_ELEMENTS of the collectives
     expected = sum((min(n, i + rows) - i) * (n - i) for i in range(0, n, rows))
     assert sm.gram_reduce_elements(n) == expected
     assert n * n / 2 < expected < n * n                              # the upper triangle plus block overlap
@@ -114,7 +115,7 @@ def test_solver_method_follows_the_gram_budget():
     problem, machine = galaxy(), node()                 # N = 72,000: 38.6 GiB per rank
     assert machine.gram_budget(128) < problem.N**2 * 8 < machine.gram_budget(1)
     ws = sm.predict_solve(problem, machine, sm.Layout(128, 128, 1))
-    block = sm.ws_block(problem.N)
+    block = working_set_block(problem.N)
     assert ws.method == "working-set" and block == 256
     assert ws.passes == 1 + math.ceil(problem.k / block)
     assert any("exceeds the per-rank budget" in n for n in ws.notes)       # 0.8 GiB: 1,491 columns < 2,048

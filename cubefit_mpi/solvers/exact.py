@@ -28,7 +28,9 @@ from ..numerics.certificate import certificate_dict, certify
 from ..numerics.nnls import nnls_gram
 from ..numerics.regularization import Regularization
 from ..parallel.collectives import bcast_array
-from ..parallel.comm import get_comm, mpi
+from ..parallel.comm import get_comm
+from ..parallel.comm import ranks_on_node
+from .limits import gram_budget_for, node_memory_bytes
 from .gram import SolveInputs, load_solve_inputs, normal_equations, residual_chi2
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
@@ -48,14 +50,7 @@ def gram_budget_bytes(comm) -> int:
     given = get_knobs().gram_max_bytes
     if given > 0:
         return given
-    node = comm.Split_type(mpi().COMM_TYPE_SHARED)
-    ranks_on_node = node.Get_size()
-    node.Free()
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        total = 8 * 2**30
-    return int(0.4 * total / max(ranks_on_node, 1))
+    return gram_budget_for(node_memory_bytes(), ranks_on_node(comm))
 
 
 def parse_orbit_weights(spec, n_comp: int, path: str | None = None) -> np.ndarray | None:

@@ -26,6 +26,7 @@ from ..parallel.comm import get_comm, mpi
 from ..parallel.decomposition import block_range, padded_schedule, tile_bounds
 from ..parallel.threads import limit_blas_threads
 from ..parallel.timers import PhaseTimer
+from .limits import gram_reduce_row_blocks
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
 
@@ -159,9 +160,7 @@ def reduce_upper_to_root(gram: np.ndarray, comm) -> np.ndarray | None:
     """Sum the upper triangles of every rank's ``gram`` on rank 0, symmetrised.  Collective over comm."""
     n = gram.shape[0]
     out = np.zeros((n, n)) if comm.Get_rank() == 0 else None
-    rows = max(1, (2**27) // max(n, 1))
-    for i0 in range(0, n, rows):
-        i1 = min(n, i0 + rows)
+    for i0, i1 in gram_reduce_row_blocks(n):
         part = reduce_sum(np.ascontiguousarray(gram[i0:i1, i0:]), comm)
         if out is not None:
             out[i0:i1, i0:] = part

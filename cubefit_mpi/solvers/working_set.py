@@ -17,6 +17,7 @@ from ..config.errors import InputError
 from ..numerics.nnls import nnls_gram
 from ..numerics.regularization import Regularization
 from ..parallel.collectives import bcast_array
+from .limits import working_set_block
 from .gram import SolveInputs, diagonal_pass, gram_columns
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
@@ -32,7 +33,7 @@ def solve_working_set(inputs: SolveInputs, reg: Regularization, *, budget: int, 
     if max_cols < 1:
         raise InputError(f"CUBEFIT_GRAM_MAX_BYTES={budget}: cannot hold even one Gram column of N={n} "
                          f"({8 * n} bytes); raise it or use fewer ranks per node")
-    block = int(block or max(8, min(n // 20 + 1, 256)))
+    block = int(block or working_set_block(n))
     t0 = time.perf_counter()
     first = diagonal_pass(inputs, comm)
     rhs, yy = first["rhs"], first["yy"]
