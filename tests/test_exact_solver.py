@@ -11,7 +11,7 @@ from conftest import file_bytes, run_cli
 from mpi4py import MPI
 
 from cubefit_mpi.config import knobs as knobs_module
-from cubefit_mpi.config.errors import InputError
+from cubefit_mpi.config.errors import ConsistencyError, InputError
 from cubefit_mpi.numerics.regularization import difference_operator, orbit_factor
 from cubefit_mpi.numerics.synthetic_galaxy import MockSpec
 from cubefit_mpi.solvers.exact import solve_exact
@@ -175,6 +175,21 @@ def test_cache_reused_and_stale_cache_detected(tmp_path):
     convert_hypercube_norm(str(path), "data", comm=SELF)   # other models: stale again
     _, s4 = solve_exact(str(path), comm=SELF)
     assert not s4["from_cache"]
+
+
+def test_a_cache_that_disagrees_with_the_residual_pass_is_discarded(tmp_path):
+    path = make_case(tmp_path)
+    x1, s1 = solve_exact(str(path), comm=SELF)
+    with h5py.File(path, "r+") as f:                    # the models changed behind the cache's back
+        f["/Solve/gram"][0, 0] *= 3.0
+        before = f["/X_global"][...]
+    with pytest.raises(ConsistencyError, match=r"chi2 = .* but the normal equations give .*discarded"):
+        solve_exact(str(path), comm=SELF)
+    with h5py.File(path, "r") as f:
+        assert "/Solve/gram" not in f and np.array_equal(f["/X_global"][...], before)
+    x2, s2 = solve_exact(str(path), comm=SELF)
+    assert not s2["from_cache"] and s2["chi2_consistent"]
+    np.testing.assert_allclose(x2, x1, rtol=1e-9, atol=1e-12 * x1.max())
 
 
 def test_working_set_equals_full_gram(tmp_path, monkeypatch):

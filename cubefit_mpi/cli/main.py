@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Callable
 
-from ..config.errors import InputError, WriteFailure
+from ..config.errors import ConsistencyError, InputError, WriteFailure
 from ..config.version import VERSION as __version__
 from ..parallel.launcher import launcher_rank
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             _LOG.info("knobs: %s", knobs.differing_from_defaults())
         handler = getattr(args, "handler", None) or COMMANDS[args.command]
         return handler(args, comm)
-    except InputError as exc:
+    except (InputError, ConsistencyError) as exc:
         if rank == 0:
             sys.stderr.write(f"cubefit_mpi {args.command}: error: {exc}\n")
             sys.stderr.flush()
