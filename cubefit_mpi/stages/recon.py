@@ -236,41 +236,12 @@ def reconstruct(path, *, out: str = RECON_DEFAULT, x_dataset: str = lay.X_GLOBAL
     n_s, _, _, n_l = inputs.shape
     tiles = tile_bounds(n_s, tile)
     mine = [tiles[i] for i in owned_tiles(len(tiles), comm)]
-    created = agree(_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), comm)
-    attrs = {RECON_MARKER: x_dataset, "recon.created": created, "recon.x_crc32": x_checksum(inputs.x_cp),
-             "recon.models": lay.MODELS, "recon.formula": "Y[s,l] = sum_{c,p} x[c,p] A[s,c,p,l]",
-             "chi2.weighting": inputs.weighting,
-             "chi2.definition": "sum over used pixels of w_l (y - yhat)^2 (w = 1 when unweighted)",
-             "rmse.definition": "sqrt(mean over used pixels of (y - yhat)^2), unweighted",
-             "used_pixels": "Mask True (all if no /Mask) and finite data"}
-    chi2_local, sq_local, n_local = 0.0, 0.0, 0
+    attrs = _provenance(inputs, x_dataset, comm)
     with open_h5(path, "r+", comm) as f:
-        recon_d = _output_dataset(f, out, (n_s, n_l), attrs)
-        chi2_d = _output_dataset(f, out + CHI2_SUFFIX, (n_s,), attrs)
-        rmse_d = _output_dataset(f, out + RMSE_SUFFIX, (n_s,), attrs)
-        models, data_d = f[lay.MODELS], f[lay.DATACUBE]
-        for item in padded_schedule(mine, comm):
-            have = item is not None
-            s0, s1 = item if have else (0, 0)
-            n_rows = s1 - s0
-            acc = np.zeros((n_rows, n_l)) if have else None
-            for c0, c1, p0, p1 in blocks:
-                block = read_block(models, (s0, c0, p0, 0) if have else None,
-                                   (n_rows, c1 - c0, p1 - p0, n_l) if have else None, dtype=np.float64)
-                if have:
-                    acc += contract_block(block, inputs.x_cp[c0:c1, p0:p1])
-            data = read_block(data_d, (s0, 0) if have else None, (n_rows, n_l) if have else None,
-                              dtype=np.float64)
-            chi2 = rmse = None
-            if have:
-                chi2, rmse, n_used = residual_stats(data, acc, inputs.used, inputs.weights)
-                chi2_local += float(chi2.sum())
-                sq_local += float(np.nansum(rmse ** 2 * n_used))
-                n_local += int(n_used.sum())
-            write_block(recon_d, (s0, 0) if have else None, acc)
-            write_block(chi2_d, (s0,) if have else None, chi2)
-            write_block(rmse_d, (s0,) if have else None, rmse)
-    chi2_total, sq_total, n_total = allreduce_sum(np.array([chi2_local, sq_local, n_local]), comm)
+        outputs = [_output_dataset(f, name, shape, attrs) for name, shape in
+                   ((out, (n_s, n_l)), (out + CHI2_SUFFIX, (n_s,)), (out + RMSE_SUFFIX, (n_s,)))]
+        sums = _reconstruct_tiles(f, inputs, mine, blocks, outputs, comm)
+    chi2_total, sq_total, n_total = allreduce_sum(sums, comm)
     result = {"out": out, "chi2": out + CHI2_SUFFIX, "rmse": out + RMSE_SUFFIX, "x_dataset": x_dataset,
               "shape": (n_s, n_l), "s_tile": tile, "n_tiles": len(tiles), "blocks_read": len(blocks),
               "components_read": int(np.count_nonzero(inputs.x_cp.any(axis=1))),
@@ -284,6 +255,45 @@ def reconstruct(path, *, out: str = RECON_DEFAULT, x_dataset: str = lay.X_GLOBAL
               result["components_total"], result["blocks_read"], result["chi2_total"], inputs.weighting,
               result["rmse_global"], result["seconds"])
     return result
+
+
+def _provenance(inputs: ReconInputs, x_dataset: str, comm) -> dict:
+    """Attributes of the written datasets: what they were made from, when, how χ² is weighted.  Collective."""
+    created = agree(_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), comm)
+    return {RECON_MARKER: x_dataset, "recon.created": created, "recon.x_crc32": x_checksum(inputs.x_cp),
+            "recon.models": lay.MODELS, "recon.formula": "Y[s,l] = sum_{c,p} x[c,p] A[s,c,p,l]",
+            "chi2.weighting": inputs.weighting,
+            "chi2.definition": "sum over used pixels of w_l (y - yhat)^2 (w = 1 when unweighted)",
+            "rmse.definition": "sqrt(mean over used pixels of (y - yhat)^2), unweighted",
+            "used_pixels": "Mask True (all if no /Mask) and finite data"}
+
+
+def _reconstruct_tiles(f, inputs: ReconInputs, mine: list, blocks: list, outputs: list, comm) -> np.ndarray:
+    """This rank's tiles, in collective rounds: ``A·x`` from the non-zero blocks, the residual
+    statistics, the three outputs written.  Returns this rank's ``[Σχ², Σ(y−ŷ)², n_used]``.  Collective."""
+    recon_d, chi2_d, rmse_d = outputs
+    n_l = inputs.shape[3]
+    models, data_d = f[lay.MODELS], f[lay.DATACUBE]
+    sums = np.zeros(3)
+    for item in padded_schedule(mine, comm):
+        have = item is not None
+        s0, s1 = item if have else (0, 0)
+        n_rows = s1 - s0
+        acc = np.zeros((n_rows, n_l)) if have else None
+        for c0, c1, p0, p1 in blocks:
+            block = read_block(models, (s0, c0, p0, 0) if have else None,
+                               (n_rows, c1 - c0, p1 - p0, n_l) if have else None, dtype=np.float64)
+            if have:
+                acc += contract_block(block, inputs.x_cp[c0:c1, p0:p1])
+        data = read_block(data_d, (s0, 0) if have else None, (n_rows, n_l) if have else None, dtype=np.float64)
+        chi2 = rmse = None
+        if have:
+            chi2, rmse, n_used = residual_stats(data, acc, inputs.used, inputs.weights)
+            sums += (float(chi2.sum()), float(np.nansum(rmse ** 2 * n_used)), int(n_used.sum()))
+        write_block(recon_d, (s0, 0) if have else None, acc)
+        write_block(chi2_d, (s0,) if have else None, chi2)
+        write_block(rmse_d, (s0,) if have else None, rmse)
+    return sums
 
 
 def _output_dataset(f, name: str, shape: tuple[int, ...], attrs: dict):
