@@ -13,7 +13,7 @@ from mpi4py import MPI
 from cubefit_mpi.config.errors import InputError
 from cubefit_mpi.stages.ingest import IngestOptions, run_ingest
 
-pytestmark = pytest.mark.mpi(min_size=2)
+pytestmark = pytest.mark.mpi
 comm = MPI.COMM_WORLD
 
 
