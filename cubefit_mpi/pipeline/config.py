@@ -33,8 +33,9 @@ class Option:
     """One configuration key.
 
     ``kind``: ``int``, ``float``, ``bool``, ``str``, ``path``, ``ranges`` (wavelength ranges in
-    Å), ``floats`` (list of numbers), ``steps`` or ``fwhm`` (a positive number, or a path).  ``example`` is what ``init-config`` writes
-    when it differs from the default (e.g. a placeholder file name).
+    Å), ``floats`` (list of numbers), ``steps`` or ``fwhm`` (a positive number, or a path).
+    ``example`` is what ``init-config`` writes when it differs from the default (e.g. a
+    placeholder file name).
     """
 
     default: Any
