@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="MPI library, ranks, h5py MPI build, HDF5 and pyFFTW versions (no MPI start)")
 
-    p = sub.add_parser("mock", help="write a synthetic galaxy with known truth")
+    p = sub.add_parser("mock", help="write a galaxy with known truth (synthetic or shipped MILES templates)")
     p.add_argument("file", help="output HDF5 file (overwritten)")
     p.add_argument("--templates", choices=TEMPLATE_SOURCES, default="synthetic",
                    help="synthetic SSP-like templates (default), or the MILES SSP subset shipped with the "
