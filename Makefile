@@ -1,5 +1,5 @@
 # cubefit_mpi -- the two commands a newcomer needs:
-#   make demo   installs what is missing, makes the built-in synthetic galaxy and runs the pipeline
+#   make demo   installs what is missing, makes a galaxy from the shipped MILES SSPs and runs the pipeline
 #   make test   installs what is missing and runs the whole suite, serial and MPI
 SHELL := /bin/bash
 VENV  ?= .venv

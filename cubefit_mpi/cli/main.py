@@ -14,6 +14,7 @@ from typing import Callable
 
 from ..config.errors import ConsistencyError, InputError, WriteFailure
 from ..config.version import VERSION as __version__
+from ..numerics.synthetic_galaxy import DEFAULT_POPULATIONS, TEMPLATE_SOURCES
 from ..parallel.launcher import launcher_rank
 
 _LOG = logging.getLogger("cubefit_mpi")
@@ -51,11 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="MPI library, ranks, h5py MPI build, HDF5 and pyFFTW versions (no MPI start)")
 
-    p = sub.add_parser("mock", help="write a synthetic galaxy with known truth")
+    p = sub.add_parser("mock", help="write a galaxy with known truth (synthetic or shipped MILES templates)")
     p.add_argument("file", help="output HDF5 file (overwritten)")
+    p.add_argument("--templates", choices=TEMPLATE_SOURCES, default="synthetic",
+                   help="synthetic SSP-like templates (default), or the MILES SSP subset shipped with the "
+                   "package (53 ages x 4 [M/H], 4750-5450 A: at most 619 wavelengths)")
     p.add_argument("--spaxels", type=int, default=400, help="S (default 400)")
     p.add_argument("--components", type=int, default=3, help="C (default 3)")
-    p.add_argument("--populations", type=int, default=24, help="P (default 24)")
+    p.add_argument("--populations", type=int, default=None,
+                   help=f"P (default {DEFAULT_POPULATIONS}; with --templates miles all 212 of the library)")
     p.add_argument("--wavelengths", type=int, default=600, help="L (default 600)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", type=float, default=None, metavar="SNR",
@@ -114,15 +119,16 @@ def cmd_info(args, comm) -> int:
 @command("mock")
 def cmd_mock(args, comm) -> int:
     from ..numerics.synthetic_galaxy import MockSpec
-    from ..stages.mock import make_mock
+    from ..stages.mock import default_populations, make_mock
 
+    populations = args.populations if args.populations is not None else default_populations(args.templates)
     try:
-        spec = MockSpec(spaxels=args.spaxels, components=args.components, populations=args.populations,
+        spec = MockSpec(spaxels=args.spaxels, components=args.components, populations=populations,
                         wavelengths=args.wavelengths, seed=args.seed, snr=args.noise,
-                        masked_pixels=args.masked_pixels)
+                        masked_pixels=args.masked_pixels, templates=args.templates)
+        out = make_mock(args.file, spec, comm)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    out = make_mock(args.file, spec, comm)
     if comm.Get_rank() == 0:
         d = out["dims"]
         print(f"wrote {args.file}: S={d.S} C={d.C} P={d.P} L={d.L} T={d.T} V={d.V} "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +40,9 @@ class Option:
     """One configuration key.
 
     ``kind``: ``int``, ``float``, ``bool``, ``str``, ``path``, ``ranges`` (wavelength ranges in
-    Å), ``floats`` (list of numbers) or ``steps``.  ``example`` is what ``init-config`` writes
-    when it differs from the default (e.g. a placeholder file name).
+    Å), ``floats`` (list of numbers), ``steps`` or ``fwhm`` (a positive number, or a path).
+    ``example`` is what ``init-config`` writes when it differs from the default (e.g. a
+    placeholder file name).
     """
 
     default: Any
@@ -85,6 +87,12 @@ SCHEMA: dict[str, dict[str, Option]] = {
                            choices=("angstrom", "lnlambda")),
         "rows_per_read": _O(0, "cube rows (NAXIS2) read per slice; 0 = from a 256 MiB budget. The "
                             "result does not depend on it", "int", minimum=0),
+        "data_fwhm": _O(None, "the data's spectral resolution: FWHM in Å, or a two-column text file "
+                        "(λ, FWHM in Å) as instrument LSF tables come; the templates are broadened to it "
+                        "(Gaussian, flux-conserving) before log-rebinning; null = no matching", "fwhm",
+                        nullable=True),
+        "template_fwhm": _O(None, "the templates' FWHM in Å (MILES: 2.51) or a file as for data_fwhm; "
+                            "required with data_fwhm", "fwhm", nullable=True),
     },
     "build": {
         "norm_mode": _O(default_of(build_hypercube, "norm_mode"), "hypercube normalisation: model (LOSVD amplitude) or data (per-spaxel "
@@ -225,6 +233,15 @@ def _check_value(name: str, opt: Option, value: Any, base_dir: str) -> Any:
             value = os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
     elif kind == "ranges":
         value = parse_ranges(value, name)
+    elif kind == "fwhm":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or value == "":
+            raise InputError(f"{name}: expected a FWHM in Å or a file name, got {value!r}")
+        if isinstance(value, str):
+            value = os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+        elif not (value > 0 and math.isfinite(value)):
+            raise InputError(f"{name}: expected a positive FWHM in Å, got {value!r}")
+        else:
+            value = float(value)
     elif kind == "floats":
         if not isinstance(value, list) or not value or any(isinstance(v, bool) or not isinstance(v, (int, float))
                                                            for v in value):
