@@ -247,6 +247,7 @@ def test_file_locked_elsewhere(built):
         holder.wait()
 
 
+@pytest.mark.slow
 def test_disk_full_keeps_finished_tiles_and_resumes(tmp_path):
     """A real full disk (a small tmpfs): clear error, finished tiles valid, the resume completes."""
     mnt, src, ref = tmp_path / "mnt", tmp_path / "src.h5", tmp_path / "ref.h5"
@@ -282,6 +283,7 @@ def test_disk_full_keeps_finished_tiles_and_resumes(tmp_path):
                                rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_sigkill_of_mpiexec_build_then_resume(tmp_path):
     """A real SIGKILL of a running `mpiexec -n 2` build; the resumed build equals an uninterrupted one."""
     path, ref = tmp_path / "k.h5", tmp_path / "ref.h5"

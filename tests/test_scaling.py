@@ -190,6 +190,7 @@ def study(tmp_path_factory):
     return run_study(tmp_path_factory.mktemp("scaling"))
 
 
+@pytest.mark.slow
 def test_scaling_writes_csv_and_plots(study):
     out, proc = study
     rows = read_csv(out / "scaling.csv")
@@ -214,6 +215,7 @@ def test_scaling_writes_csv_and_plots(study):
     assert "build" in proc.stdout and "model" in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_model_columns_are_filled_and_consistent(study):
     """The model's accuracy is a measurement (``benchmarks/scaling_model.py``); here its columns
     are checked: a prediction for every point, the error as defined, the contention seen."""
@@ -222,6 +224,7 @@ def test_the_model_columns_are_filled_and_consistent(study):
         assert float(r["model_error"]) == pytest.approx(float(r["wall"]) / float(r["model_wall"]) - 1, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_weak_scaling_grows_the_spaxels(tmp_path):
     proc = run_cli("scaling", "--ranks", "1,2", "--what", "build", "--repeat", "1", "--weak", "--out", tmp_path,
                    "40,2,6,120", timeout=120)
