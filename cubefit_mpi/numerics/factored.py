@@ -52,7 +52,7 @@ def template_basis(templates: np.ndarray, shifts: np.ndarray, rebin_lt) -> np.nd
     return out
 
 
-def factors_are_exact(templates: np.ndarray, rebin_dense: np.ndarray) -> str | None:
+def factors_are_exact(templates: np.ndarray, rebin) -> str | None:
     """None when ``A = κ·B`` exactly (the clip ``max(0, ·)`` can never act), else the reason.  Local.
 
     Kernels and scales are non-negative by construction, so non-negative templates and a
@@ -63,7 +63,7 @@ def factors_are_exact(templates: np.ndarray, rebin_dense: np.ndarray) -> str | N
         p, t = np.unravel_index(int(np.argmin(templates)), templates.shape)
         return (f"/Templates has negative values (min {t_min:.3g} at template {p}, pixel {t}): the builder's "
                 f"max(0, ·) makes the hypercube differ from the factors")
-    r_min = float(np.min(rebin_dense))
+    r_min = float(rebin.min())            # a dense array or a scipy.sparse matrix
     if r_min < 0:
         return f"/R_T has negative weights (min {r_min:.3g}): the models are not a product of the factors"
     return None

@@ -126,7 +126,8 @@ def gram_system(inputs: SolveInputs, *, use_cache: bool = True, comm=None) -> di
 @keyword_checked
 def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, regul_order: int = 2,
                 orbit_weights=None, orbit_strength: float | None = None, use_cache: bool = True, verify: bool = True,
-                use_weights: bool = True, tol: float = 1e-10, exact_method: str = "auto", comm=None
+                use_weights: bool = True, tol: float = 1e-10, exact_method: str = "auto", comm=None,
+                operator: str = "auto", norm_mode: str | None = None, amp_mode: str | None = None
                 ) -> tuple[np.ndarray, dict]:
     """Solve for ``/X_global`` exactly.  Collective over comm.
 
@@ -141,6 +142,9 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
     use_cache : bool  reuse a current ``/Solve`` Gram matrix
     verify : bool  recompute χ² by a separate residual pass (one more read of the hypercube)
     exact_method : {"auto", "gram", "working-set"}
+    operator : {"auto", "factored", "hypercube"}  where A comes from: its two factors (no
+        hypercube needed) or ``/HyperCube/models`` (:mod:`cubefit_mpi.operators.select`)
+    norm_mode, amp_mode : the normalisation of factored models of a file without a hypercube
 
     Returns
     -------
@@ -150,7 +154,8 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
     comm = get_comm(comm)
     t0 = time.perf_counter()
     ridge, regul, orbit_strength = _check_terms(ridge, regul, regul_order, orbit_weights, orbit_strength)
-    inputs = load_solve_inputs(path, use_weights=use_weights, comm=comm)
+    inputs = load_solve_inputs(path, use_weights=use_weights, operator=operator, norm_mode=norm_mode,
+                               amp_mode=amp_mode, comm=comm)
     targets = parse_orbit_weights(orbit_weights, inputs.C, path)
     reg = Regularization.build(inputs.C, inputs.P, ridge=ridge, regul=regul, regul_order=regul_order,
                                pop_shape=_pop_shape(path, inputs.P, comm), orbit_targets=targets,
@@ -163,7 +168,7 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
     _LOG.info("exact solve of N=%d (C=%d, P=%d) by the %s method on %d rank(s)", inputs.n_params, inputs.C,
               inputs.P, method, comm.Get_size())
     x, stats = _solve(method, inputs, reg, budget=budget, tol=tol, use_cache=use_cache, comm=comm)
-    stats.update(method=f"exact-{method}", n_params=inputs.n_params, n_ranks=comm.Get_size(), ridge=ridge,
+    stats.update(method=f"exact-{method}", operator=inputs.operator.kind, n_params=inputs.n_params, n_ranks=comm.Get_size(), ridge=ridge,
                  regul=regul, regul_order=regul_order, orbit_strength=orbit_strength)
     if verify:
         _verify(inputs, x, stats, comm)

@@ -33,7 +33,8 @@ from ..io.model_inputs import ModelInputs, check_modes
 from ..io.validation import validate_inputs
 from ..numerics.column_energy import pixel_weights, tile_energy
 from ..numerics.convolve import FFTConvolver
-from ..numerics.kernels import unit_kernels
+from ..numerics.kernels import DEFAULT_AMP, unit_kernels
+from ..numerics.normalization import DEFAULT_NORM
 from ..parallel.collectives import agree, allreduce_sum
 from ..parallel.comm import get_comm
 from ..parallel.decomposition import block_range, padded_schedule, tile_bounds
@@ -68,7 +69,7 @@ def compute_unit(conv: FFTConvolver, inp: ModelInputs, kernels: np.ndarray, s0: 
 
 
 @keyword_checked
-def build_hypercube(path: str, norm_mode: str = "model", amp_mode: str = "sum", S_chunk: int | None = None,
+def build_hypercube(path: str, norm_mode: str = DEFAULT_NORM, amp_mode: str = DEFAULT_AMP, S_chunk: int | None = None,
                     C_chunk: int | None = None, P_chunk: int | None = None, compression: str | None = None,
                     comm=None, *, force: bool = False, rebin_mode: str = "overlap") -> dict:
     """Build (or finish) ``/HyperCube/models``.  Collective over comm.

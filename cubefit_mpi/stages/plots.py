@@ -31,7 +31,7 @@ import numpy as np
 from ..config.errors import InputError
 from ..io import layout as lay
 from ..io.h5file import open_h5
-from ..io.hypercube_state import require_usable_models
+from ..operators.select import open_operator
 from ..numerics.reconstruction import residual_stats, x_checksum
 from ..parallel.collectives import agree, raise_if_any
 from ..parallel.comm import get_comm, mpi
@@ -109,9 +109,6 @@ def draw_all(path: str, out_dir: str, *, n_spaxels: int, recon: str, x_dataset: 
         n_comp, n_pop = _components_populations(f, path)
         x_cp = read_x(f, x_dataset, n_comp, n_pop)
         has_recon = recon in f and recon + CHI2_SUFFIX in f and recon + RMSE_SUFFIX in f
-        if not has_recon and lay.MODELS not in f:
-            raise InputError(f"{recon}: missing and so is {lay.MODELS}; run `cubefit_mpi build {path}`, "
-                             f"`solve` and `recon` first")
         if has_recon:
             _check_recon(f, recon, x_cp)
         os.makedirs(out_dir, exist_ok=True)
@@ -226,7 +223,7 @@ def plot_spectra(f, path: str, out_path: str, n: int, recon: str | None, x_cp: n
     if recon is not None:
         model = np.asarray(f[recon][rows, :], dtype=np.float64)
     else:
-        model = model_rows(require_usable_models(f, mpi().COMM_SELF), x_cp, rows)
+        model = model_rows(f, open_operator(path, "auto", comm=mpi().COMM_SELF), x_cp, rows)
     chi2, rmse, _ = residual_stats(data, model, used, weights)
     if recon is None:
         local_best, local_worst = select_best_worst(rmse if rank_by == "rmse" else chi2, n)

@@ -1,0 +1,197 @@
+"""A as the product of its two factors: ``A[s,c,p,λ] = Σ_k κ[s,c,k] B[k,p,λ]`` (see
+:mod:`cubefit_mpi.numerics.factored`), with no hypercube at all.
+
+Every rank holds the template basis ``B (K, P, L)`` (made once from ``/Templates`` and
+``/R_T``) and makes ``κ`` of its own S-tiles from ``/LOSVD`` as it needs them.  The normal
+equations:
+
+1. one pass over this rank's S-tiles (LOSVD rows and spectra, collective reads) accumulates
+   ``M = Σ_s κ_s κ_sᵀ``, ``b`` and ``yᵀWy``; all three are summed over ranks (float64);
+2. G is contracted block by block over population pairs ``(p-block, p'-block)``, the upper
+   blocks dealt to ranks (one GEMM for Φ's block, one with M for G's), so Φ is never held
+   whole; the blocks are summed on rank 0 by the upper-triangle reduction.
+
+Exact whenever the builder's ``max(0, ·)`` cannot act (non-negative templates and ``/R_T``);
+:func:`~cubefit_mpi.operators.select.open_operator` checks that before it makes one.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..io import layout as lay
+from ..io.blocks import read_block
+from ..io.datasets import default_chunks
+from ..io.h5file import open_h5
+from ..io.model_inputs import ModelInputs
+from ..numerics import factored as fa
+from ..numerics.digest import array_digest
+from ..numerics.kernels import unit_kernels
+from ..parallel.collectives import allreduce_sum, reduce_sum, reduce_upper_to_root
+from ..parallel.decomposition import block_range, padded_schedule, tile_bounds
+from ..parallel.timers import PhaseTimer
+from .base import Operator, Weighting
+
+TILE_BYTES = 64 * 2**20          # per-tile temporaries of a pass (κ, projections, spectra)
+BLOCK_BYTES = 128 * 2**20        # temporaries of one (p-block, p'-block) contraction
+
+
+class FactoredOperator(Operator):
+    """A from ``κ`` and ``B``.  Collective methods as in :class:`~.base.Operator`."""
+
+    kind = "factored"
+
+    def __init__(self, path: str, inputs: ModelInputs):
+        d = inputs.dims
+        self.inputs = inputs
+        self.basis = fa.template_basis(inputs.templates, inputs.shifts, inputs.rebin_lt)     # (K, P, L)
+        self.K = self.basis.shape[0]
+        per_spaxel = 8 * max(d.C * self.K, self.K * d.P, d.L, d.V * d.C)
+        s_tile = int(max(1, min(d.S, TILE_BYTES // per_spaxel)))
+        super().__init__(path, d.S, d.C, d.P, d.L, tile_bounds(d.S, s_tile), inputs.norm_mode, inputs.amp_mode)
+        self.step_tiles = tile_bounds(d.S, default_chunks(d.S, d.C, d.P, d.L)[0])    # as the builder's S-chunks
+        self.m_total: np.ndarray | None = None          # Σ_s κκᵀ (C·K, C·K), once a pass made it
+        self._provenance = {"operator": self.kind, "models.version": "",
+                            "models.fingerprint": inputs.fingerprint, "norm.mode": inputs.norm_mode,
+                            "amp.mode": inputs.amp_mode,
+                            "data_flux.digest": array_digest(inputs.data_flux) if inputs.norm_mode == "data" else ""}
+
+    def provenance(self) -> dict:
+        return dict(self._provenance)
+
+    # --- κ ---------------------------------------------------------------------------------------
+    def kappa(self, losvd: np.ndarray, s0: int) -> np.ndarray:
+        """``κ (n, C, K)`` of spaxels ``s0 : s0 + n`` from their LOSVD rows ``(n, V, C)``.  Local."""
+        kernels, _ = unit_kernels(losvd, self.inputs.interp)
+        return fa.kernel_weights(kernels, self.inputs.scale[s0:s0 + losvd.shape[0]])
+
+    def read_kappa(self, f, tile, collective: bool = True) -> np.ndarray | None:
+        """``κ`` of ``tile = (s0, s1)`` read from ``/LOSVD`` (None for ``tile=None``).
+
+        Collective over the file's communicator unless ``collective=False`` (an independent read).
+        """
+        V = self.inputs.dims.V
+        if tile is None:
+            if collective:
+                read_block(f[lay.LOSVD], None, None)
+            return None
+        s0, s1 = tile
+        losvd = read_block(f[lay.LOSVD], (s0, 0, 0), (s1 - s0, V, self.C), np.float64, collective=collective)
+        return self.kappa(losvd, s0)
+
+    def _pass(self, comm, *, need_data: bool, timer: PhaseTimer | None = None):
+        """Yield ``(tile, κ, y)`` for this rank's S-tiles in collective rounds (``(None, None,
+        None)`` when it has none left); iterate to the end on every rank."""
+        timer = timer or PhaseTimer()
+        with open_h5(self.path, "r", comm) as f:
+            for tile in padded_schedule(self.my_tiles(comm), comm):
+                with timer.phase("io"):
+                    kappa = self.read_kappa(f, tile)
+                    y = None
+                    if need_data:
+                        y = read_block(f[lay.DATACUBE], None if tile is None else (tile[0], 0),
+                                       None if tile is None else (tile[1] - tile[0], self.L), np.float64)
+                yield tile, kappa, y
+
+    def _kappa_gram(self, comm) -> np.ndarray:
+        """``M = Σ_s κκᵀ`` over all spaxels (every rank), made by a pass when not known yet.  Collective."""
+        if self.m_total is None:
+            m = np.zeros((self.C * self.K,) * 2)
+            for tile, kappa, _ in self._pass(comm, need_data=False):
+                if tile is not None:
+                    m += fa.kappa_gram(kappa)
+            self.m_total = allreduce_sum(m, comm)
+        return self.m_total
+
+    # --- the passes ----------------------------------------------------------------------------
+    def _data_pass(self, weighting: Weighting, comm, timer: PhaseTimer) -> tuple[np.ndarray, float]:
+        """One pass: M (kept), b (N,) and yᵀWy, summed over ranks.  Collective over comm."""
+        basis_w = fa.weighted_basis(self.basis, weighting.sqrt_w, weighting.used)
+        m = np.zeros((self.C * self.K,) * 2)
+        rhs = np.zeros((self.C, self.P))
+        yy = 0.0
+        for tile, kappa, y in self._pass(comm, need_data=True, timer=timer):
+            if tile is None:
+                continue
+            with timer.phase("compute"):
+                y_w = y[:, weighting.used] * weighting.sqrt_w
+                m += fa.kappa_gram(kappa)
+                rhs += fa.rhs_contribution(kappa, fa.projections(basis_w, y_w))
+                yy += float(np.sum(y_w * y_w))
+        with timer.phase("comm"):
+            self.m_total = allreduce_sum(m, comm)
+            rhs = allreduce_sum(rhs.reshape(-1), comm)
+            yy = float(allreduce_sum(np.array([yy]), comm)[0])
+        return rhs, yy
+
+    def population_block(self) -> int:
+        """Populations per block of the G contraction, from :data:`BLOCK_BYTES`.  Local."""
+        per_pair = 8 * 3 * (self.K * self.K + self.C * self.C)
+        return int(max(1, min(self.P, np.sqrt(BLOCK_BYTES / per_pair))))
+
+    def normal_equations(self, weighting: Weighting, comm) -> dict:
+        t0 = time.perf_counter()
+        timer = PhaseTimer()
+        rhs, yy = self._data_pass(weighting, comm, timer)
+        basis_w = fa.weighted_basis(self.basis, weighting.sqrt_w, weighting.used)
+        C, P = self.C, self.P
+        with timer.phase("compute"):
+            m_cc = fa.m_for_contraction(self.m_total, C, self.K)
+            blocks = fa.population_blocks(P, self.population_block())
+            pairs = [(a, b) for i, a in enumerate(blocks) for b in blocks[i:]]
+            lo, hi = block_range(len(pairs), comm.Get_size(), comm.Get_rank())
+            partial = np.zeros((C, P, C, P))
+            for pa, pb in pairs[lo:hi]:
+                block = fa.gram_block(m_cc, basis_w, pa, pb)
+                partial[:, pa[0]:pa[1], :, pb[0]:pb[1]] = block
+                if pa != pb:
+                    partial[:, pb[0]:pb[1], :, pa[0]:pa[1]] = block.transpose(2, 3, 0, 1)
+        t_pass = time.perf_counter() - t0
+        with timer.phase("comm"):
+            gram = reduce_upper_to_root(partial.reshape(C * P, C * P), comm)
+        del partial
+        diag = fa.gram_diagonal(self.m_total, basis_w).reshape(-1)
+        return {"gram": gram, "rhs": rhs, "yy": yy, "diag": diag, "pass_seconds": t_pass,
+                "reduce_seconds": time.perf_counter() - t0 - t_pass, "phases": dict(timer.seconds),
+                "phases_by_rank": timer.by_rank(comm), "population_block": int(blocks[0][1] - blocks[0][0])}
+
+    def diagonal_pass(self, weighting: Weighting, comm) -> dict:
+        rhs, yy = self._data_pass(weighting, comm, PhaseTimer())
+        basis_w = fa.weighted_basis(self.basis, weighting.sqrt_w, weighting.used)
+        return {"rhs": rhs, "diag": fa.gram_diagonal(self.m_total, basis_w).reshape(-1), "yy": yy}
+
+    def gram_columns(self, weighting: Weighting, cols: np.ndarray, comm) -> np.ndarray | None:
+        m = self._kappa_gram(comm)
+        basis_w = fa.weighted_basis(self.basis, weighting.sqrt_w, weighting.used)
+        cols = np.asarray(cols, dtype=int)
+        lo, hi = block_range(cols.size, comm.Get_size(), comm.Get_rank())
+        block = np.zeros((self.n_params, cols.size))
+        if hi > lo:
+            block[:, lo:hi] = fa.gram_columns(m, basis_w, cols[lo:hi])
+        return reduce_sum(block, comm)
+
+    def residual_chi2(self, weighting: Weighting, x: np.ndarray, comm) -> float:
+        basis_w = fa.weighted_basis(self.basis, weighting.sqrt_w, weighting.used)
+        x_cp = np.asarray(x, dtype=np.float64).reshape(self.C, self.P)
+        chi2 = 0.0
+        for tile, kappa, y in self._pass(comm, need_data=True):
+            if tile is not None:
+                resid = y[:, weighting.used] * weighting.sqrt_w - fa.model_spectra(kappa, basis_w, x_cp)
+                chi2 += float(np.sum(resid * resid))
+        return float(allreduce_sum(np.array([chi2]), comm)[0])
+
+    def column_energy(self, mask: np.ndarray, comm) -> np.ndarray:
+        """``E[c, p] = Σ_{s, λ∈mask} A²`` (the builder's ``col_energy``) from the factors.  Collective."""
+        m = self._kappa_gram(comm)
+        used = np.flatnonzero(mask)
+        return fa.gram_diagonal(m, fa.weighted_basis(self.basis, np.ones(used.size), used))
+
+    # --- models ----------------------------------------------------------------------------------
+    def spectra(self, f, tile, x_cp: np.ndarray, blocks: list | None = None) -> np.ndarray | None:
+        kappa = self.read_kappa(f, tile)
+        return None if tile is None else fa.model_spectra(kappa, self.basis, x_cp)
+
+    def tile_models(self, kappa: np.ndarray, c0: int, c1: int, dtype=np.float32) -> np.ndarray:
+        """``A[s-tile, c0:c1]`` ``(n, c1 - c0, P, L)`` from the tile's ``κ``, clipped as the builder.  Local."""
+        return fa.model_tile(kappa[:, c0:c1], self.basis, dtype=dtype)
