@@ -4,7 +4,8 @@ from __future__ import annotations
 from ..config.errors import InputError
 
 
-def _chunks(text: str | None):
+def parse_chunks(text: str | None):
+    """``"S,C,P"`` -> three ints (None -> three Nones); InputError otherwise.  Local."""
     if text is None:
         return None, None, None
     try:
@@ -51,7 +52,7 @@ def register(sub) -> None:
 def cmd_build(args, comm) -> int:
     from ..stages.build import build_hypercube
 
-    s, c, p = _chunks(args.chunks)
+    s, c, p = parse_chunks(args.chunks)
     out = build_hypercube(args.file, norm_mode=args.norm, amp_mode=args.amp, S_chunk=s, C_chunk=c, P_chunk=p,
                           compression=args.compression, comm=comm, force=args.force)
     if comm.Get_rank() == 0:

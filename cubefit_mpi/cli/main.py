@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # stage modules that add sub-commands: each has register(sub), setting handler=fn(args, comm) -> int
-CLI_MODULES = ("ingest", "build", "weights", "watch", "solve", "recon", "pipeline", "scaling")
+CLI_MODULES = ("ingest", "build", "weights", "watch", "solve", "recon", "pipeline", "scaling", "velocity_bias",
+               "preflight")
 
 
 # ---------------------------------------------------------------------------------------------

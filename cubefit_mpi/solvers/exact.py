@@ -38,23 +38,38 @@ COMPONENT_TOTALS = "/Solve/component_totals"
 CHI2_RTOL = 1e-9
 
 
-def gram_budget_bytes(comm) -> int:
-    """Bytes one rank may spend on an N×N Gram matrix.  Collective over comm.
+GRAM_BUDGET_FRACTION = 0.4
 
-    ``CUBEFIT_GRAM_MAX_BYTES`` when set; else 40 % of the node's memory divided by the ranks on
-    the node (every rank holds a partial G while accumulating).
+
+def node_memory_bytes() -> int:
+    """Physical memory of this node in bytes (8 GiB when the system does not say).  Local."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError):
+        return 8 * 2**30
+
+
+def gram_budget_for(ranks_on_node: int, node_memory: int | None = None) -> int:
+    """Bytes one of ``ranks_on_node`` ranks may spend on an N×N Gram matrix.  Local.
+
+    ``CUBEFIT_GRAM_MAX_BYTES`` when set; else 40 % of ``node_memory`` (default: this node's)
+    divided by the ranks on the node (every rank holds a partial G while accumulating).
     """
     given = get_knobs().gram_max_bytes
     if given > 0:
         return given
+    total = node_memory_bytes() if node_memory is None else int(node_memory)
+    return int(GRAM_BUDGET_FRACTION * total / max(int(ranks_on_node), 1))
+
+
+def gram_budget_bytes(comm) -> int:
+    """:func:`gram_budget_for` the ranks of ``comm`` on this rank's node.  Collective over comm."""
+    if get_knobs().gram_max_bytes > 0:
+        return gram_budget_for(1)
     node = comm.Split_type(mpi().COMM_TYPE_SHARED)
     ranks_on_node = node.Get_size()
     node.Free()
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        total = 8 * 2**30
-    return int(0.4 * total / max(ranks_on_node, 1))
+    return gram_budget_for(ranks_on_node)
 
 
 def parse_orbit_weights(spec, n_comp: int, path: str | None = None) -> np.ndarray | None:
