@@ -28,7 +28,7 @@ from ..io.h5file import open_h5, open_uncached
 from ..io.hypercube_state import mark_models_changed
 from ..io.validation import validate_inputs
 from ..numerics.column_energy import pixel_weights, tile_energy
-from ..numerics.convolve import FFTConvolver
+from ..numerics.convolve import FFTConvolver, needed_template_range
 from ..numerics.digest import array_digest, rows_digest
 from ..numerics.kernels import AMP_MODES, interpolation_matrix, losvd_amplitude, unit_kernels
 from ..numerics.normalization import NORM_MODES, masked_mean_flux, spaxel_scale
@@ -73,6 +73,17 @@ class _Inputs:
         self.vel_pix = vel
         self.interp, self.shifts = interpolation_matrix(vel, float(info["tem_pix"][1] - info["tem_pix"][0]))
         self.fingerprint = array_digest(self.templates, rebin_dense, info["tem_pix"], info["obs_pix"], vel, self.mask)
+        # only the template pixels the observed grid and the velocity guard need are convolved
+        self.template_range = needed_template_range(self.rebin_lt, self.shifts, T)
+        lo, hi = self.template_range
+        self.crop_note = None
+        if (lo, hi) != (0, T):
+            self.templates = np.ascontiguousarray(self.templates[:, lo:hi])
+            self.rebin_lt = self.rebin_lt[:, lo:hi].tocsr()
+            lam = np.exp(info["tem_pix"])
+            self.crop_note = (f"templates cropped to pixels {lo}:{hi} of {T} ({lam[lo]:.2f}-{lam[hi - 1]:.2f} A of "
+                              f"{lam[0]:.2f}-{lam[-1]:.2f} A): all the observed grid and the "
+                              f"{float(np.max(np.abs(vel))):g} km/s velocity guard need")
         # amplitudes (and data flux) for all spaxels: read by rank slabs, combined with Allreduce
         amp = np.zeros((S, self.dims.C))
         flux = np.zeros(S) if norm_mode == "data" else None
@@ -195,6 +206,9 @@ def build_hypercube(path: str, norm_mode: str = "model", amp_mode: str = "sum", 
         if not resume:
             _create_datasets(f, d, chunks, grid, filt, filt_opt, params)
         _write_norm_datasets(f, inp, comm)
+        f[lay.HYPERCUBE].attrs["templates.range"] = np.asarray(inp.template_range + (d.T,), dtype=np.int64)
+    if inp.crop_note and comm.Get_rank() == 0:
+        _LOG.info(inp.crop_note)
     # closed once: an uncompressed hypercube is now allocated in full, so writing tiles changes
     # no HDF5 metadata and a crash or a full disk mid-build cannot corrupt the file
     with open_h5(path, "r+", comm) as f:

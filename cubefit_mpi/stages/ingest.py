@@ -180,6 +180,8 @@ def _templates_on_grid(opts: IngestOptions, tem_edges: np.ndarray, vmax: float) 
         raise InputError(f"--templates {opts.templates}: the templates cover {have[0]:.2f}-{have[1]:.2f} A but "
                          f"{need[0]:.2f}-{need[1]:.2f} A is needed (the observed range plus the {vmax:g} km/s "
                          f"LOSVD velocity guard); use a wider library or trim the cube")
+    _LOG.info("templates: the library covers %.2f-%.2f A; only %.2f-%.2f A (the observed range plus the %g km/s "
+              "velocity guard) is kept", have[0], have[1], need[0], need[1], vmax)
     op = overlap_rebin(in_edges, tem_edges, measure="lambda")
     if opts.flux_density == "lnlambda":
         op = op.scaled(per_lnlambda_factor(tem_edges))
