@@ -43,9 +43,13 @@ def register(sub) -> None:
     p.add_argument("--invalidate", default=None, metavar="S0:S1|all")
     p.set_defaults(handler=cmd_done)
 
-    p = sub.add_parser("recompress", help="rewrite /HyperCube/models with other filters (copy, verify, swap)")
+    p = sub.add_parser("recompress", help="rewrite /HyperCube/models with other filters (copy, verify, swap); "
+                                          "--compact rewrites the whole file to reclaim the space")
     p.add_argument("file")
-    p.add_argument("--compression", required=True, metavar="gzip[:level]|lzf|none")
+    p.add_argument("--compression", default=None, metavar="gzip[:level]|lzf|none")
+    p.add_argument("--compact", action="store_true",
+                   help="then copy the whole file to a new one, verify, fsync and rename it over the original "
+                        "(HDF5 never shrinks a file by itself)")
     p.set_defaults(handler=cmd_recompress)
 
 
@@ -101,9 +105,19 @@ def cmd_done(args, comm) -> int:
 
 
 def cmd_recompress(args, comm) -> int:
-    from ..stages.hypercube_maintenance import recompress
+    if args.compression is None and not args.compact:
+        raise InputError("recompress: give --compression gzip[:level]|lzf|none, --compact, or both")
+    if args.compression is not None:
+        from ..stages.hypercube_maintenance import recompress
 
-    recompress(args.file, args.compression, comm=comm)
-    if comm.Get_rank() == 0:
-        print(f"{args.file}:/HyperCube/models recompressed with {args.compression}")
+        recompress(args.file, args.compression, comm=comm)
+        if comm.Get_rank() == 0:
+            print(f"{args.file}:/HyperCube/models recompressed with {args.compression}")
+    if args.compact:
+        from ..stages.compact import compact_file
+
+        out = compact_file(args.file, comm=comm)
+        if comm.Get_rank() == 0:
+            print(f"{args.file}: compacted, {out['bytes_before']} -> {out['bytes_after']} bytes "
+                  f"({out['bytes_before'] - out['bytes_after']} reclaimed)")
     return 0
