@@ -73,6 +73,7 @@ def test_refresh_plots_draws_what_the_sidecar_and_file_allow(built, tmp_path, th
     tracker.close()
 
 
+@pytest.mark.slow
 def test_watch_plot_follows_a_live_fit_until_it_ends(built, tmp_path, thread_tracker):
     out = tmp_path / "live"
     tracker = FitTracker(built, comm=SELF, method="kaczmarz", n_params=12)
