@@ -79,8 +79,7 @@ class FFTConvolver:
         # the kernel array starts at min(shift, 0) and ends at max(shift, 0): crop offset >= 0
         self.lead = int(max(0, -shifts[0]))
         self.tap_offset = int(shifts[0] + self.lead)          # where tap 0 sits in the kernel array
-        span = int(max(shifts[-1], 0) + self.lead + 1)
-        self.nfft = int(pyfftw.next_fast_len(self.n_pix + span - 1))
+        self.nfft = self.fft_length(self.n_pix, shifts)
         n_freq = self.nfft // 2 + 1
         flags = ("FFTW_ESTIMATE",)
         padded = pyfftw.empty_aligned((self.n_spec, self.nfft), dtype="float64")
@@ -95,6 +94,15 @@ class FFTConvolver:
         self._out = pyfftw.empty_aligned((self.n_spec, self.nfft), dtype="float64")
         self._inverse = pyfftw.FFTW(self._product, self._out, axes=(-1,), direction="FFTW_BACKWARD",
                                     flags=flags + ("FFTW_DESTROY_INPUT",), threads=threads)
+
+    @staticmethod
+    def fft_length(n_pix: int, shifts: np.ndarray) -> int:
+        """FFT length for spectra of ``n_pix`` pixels and kernels with these ``shifts``.  Local."""
+        import pyfftw
+
+        shifts = np.asarray(shifts, dtype=int)
+        span = int(max(shifts[-1], 0) + max(0, -shifts[0]) + 1)
+        return int(pyfftw.next_fast_len(int(n_pix) + span - 1))
 
     def convolve(self, kernel: np.ndarray) -> np.ndarray:
         """``out[p, i] = Σ_k kernel[k] spectra[p, i − shift_k]`` for all p.  Local.

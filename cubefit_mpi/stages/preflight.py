@@ -11,8 +11,8 @@ Rows (each ``go``, ``warn`` or ``no-go``):
     enough S-tiles (solve) and units (build) for the ranks.
 ``build memory``
     per rank, while the hypercube is not complete: templates, ``/R_T`` read dense, the FFT
-    buffers of :class:`cubefit_mpi.numerics.convolve.FFTConvolver` (template spectra, product
-    and inverse over all P), one unit ``(S_chunk, C_chunk, P, L)`` float32, the amplitudes
+    buffers of :class:`cubefit_mpi.numerics.convolve.FFTConvolver` over the cropped template
+    range (template spectra, product and inverse over all P), one unit ``(S_chunk, C_chunk, P, L)`` float32, the amplitudes
     ``(S, C)``; against the node's memory divided by the ranks on it.
 ``solve memory``
     exact: the Gram matrix ``N² · 8`` bytes against the solver's own budget
@@ -40,7 +40,9 @@ from ..io import layout as lay
 from ..io.datasets import default_chunks
 from ..io.h5file import open_h5
 from ..io.validation import validate_inputs
+from ..numerics.convolve import FFTConvolver, needed_template_range
 from ..numerics.kernels import kernel_shifts
+from ..numerics.rebin import rebin_sparse
 from ..parallel.collectives import agree
 from ..parallel.comm import get_comm
 from ..solvers.exact import GRAM, gram_budget_for, node_memory_bytes
@@ -75,14 +77,6 @@ def human_bytes(n: float) -> str:
 def _memory_row(check: str, need: float, per_rank: float, note: str) -> Row:
     verdict = "no-go" if need > per_rank else ("warn" if need > WARN_FRACTION * per_rank else "go")
     return Row(check, human_bytes(need), f"{human_bytes(per_rank)} per rank", verdict, note)
-
-
-def _fft_length(n_pix: int, shifts: np.ndarray) -> int:
-    """FFT length of :class:`~cubefit_mpi.numerics.convolve.FFTConvolver` for these shifts.  Local."""
-    import pyfftw
-
-    lead = int(max(0, -shifts[0]))
-    return int(pyfftw.next_fast_len(n_pix + int(max(shifts[-1], 0) + lead + 1) - 1))
 
 
 def _chunks(f, dims, planned, ranks: int) -> tuple[tuple[int, int, int], list[Row]]:
@@ -120,7 +114,8 @@ def _hypercube_state(f) -> str:
 def _build_memory(f, dims, info, chunks) -> float:
     S, C, P, L, T = dims.S, dims.C, dims.P, dims.L, dims.T
     shifts = kernel_shifts(info["vel_pix"], float(info["tem_pix"][1] - info["tem_pix"][0]))
-    nfft = _fft_length(T, shifts)
+    lo, hi = needed_template_range(rebin_sparse(np.asarray(f[lay.R_T][...]), T, L), shifts, T)
+    nfft = FFTConvolver.fft_length(hi - lo, shifts)          # the builder convolves the cropped range
     n_freq = nfft // 2 + 1
     fft = P * nfft * 8 * 2 + P * n_freq * 16 * 2              # padded input + output, spectra and product
     unit = chunks[0] * chunks[1] * P * L * 4 + L * P * 8 + chunks[0] * C * shifts.size * 8
@@ -129,7 +124,7 @@ def _build_memory(f, dims, info, chunks) -> float:
 
 def _solve_memory(dims, chunks, method: str, ranks: int, per_node: int, node_memory: int,
                   used_pixels: int) -> list[Row]:
-    S, C, P, L = dims.S, dims.C, dims.P, dims.L
+    C, P, L = dims.C, dims.P, dims.L
     n = C * P
     per_rank = node_memory / per_node
     if method == "kaczmarz":
