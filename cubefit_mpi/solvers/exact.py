@@ -41,16 +41,21 @@ COMPONENT_TOTALS = "/Solve/component_totals"
 CHI2_RTOL = 1e-9
 
 
-def gram_budget_bytes(comm) -> int:
-    """Bytes one rank may spend on an N×N Gram matrix.  Collective over comm.
+def gram_budget(ranks_on_node: int, node_memory: int | None = None) -> int:
+    """Bytes one of ``ranks_on_node`` ranks may spend on an N×N Gram matrix.  Local.
 
-    ``CUBEFIT_GRAM_MAX_BYTES`` when set; else 40 % of the node's memory divided by the ranks on
-    the node (every rank holds a partial G while accumulating).
+    ``CUBEFIT_GRAM_MAX_BYTES`` when set; else :func:`~.limits.gram_budget_for` of ``node_memory``
+    (default: this node's).
     """
     given = get_knobs().gram_max_bytes
     if given > 0:
         return given
-    return gram_budget_for(node_memory_bytes(), ranks_on_node(comm))
+    return gram_budget_for(node_memory_bytes() if node_memory is None else int(node_memory), ranks_on_node)
+
+
+def gram_budget_bytes(comm) -> int:
+    """:func:`gram_budget` for the ranks of ``comm`` on this rank's node.  Collective over comm."""
+    return gram_budget(ranks_on_node(comm))
 
 
 def parse_orbit_weights(spec, n_comp: int, path: str | None = None) -> np.ndarray | None:

@@ -112,10 +112,13 @@ def build_hypercube(path: str, norm_mode: str = DEFAULT_NORM, amp_mode: str = DE
     with open_h5(path, "r", comm) as f:
         inp = ModelInputs.read(f, norm_mode, amp_mode, comm)
         plan = _plan(f, inp, (S_chunk, C_chunk, P_chunk), compression, force, comm)
+    if inp.crop_note and comm.Get_rank() == 0:
+        _LOG.info(inp.crop_note)
     with open_h5(path, "r+", comm) as f:
         if not plan.resume:
             _create_datasets(f, inp.dims, plan)
         _write_norm_datasets(f, inp, comm)
+        f[lay.HYPERCUBE].attrs["templates.range"] = np.asarray(inp.template_range + (inp.dims.T,), dtype=np.int64)
     # closed once: an uncompressed hypercube is now allocated in full, so writing tiles changes
     # no HDF5 metadata and a crash or a full disk mid-build cannot corrupt the file
     timer = PhaseTimer()

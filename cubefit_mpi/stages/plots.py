@@ -111,12 +111,8 @@ def draw_all(path: str, out_dir: str, *, n_spaxels: int, recon: str, x_dataset: 
         has_recon = recon in f and recon + CHI2_SUFFIX in f and recon + RMSE_SUFFIX in f
         if has_recon:
             _check_recon(f, recon, x_cp)
-        os.makedirs(out_dir, exist_ok=True)
-        truth = _read_truth(f, n_comp, n_pop)
-        written = [plot_spectra(f, path, os.path.join(out_dir, SPECTRA_PNG), n_spaxels,
-                                recon if has_recon else None, x_cp, rank_by),
-                   plot_populations(f, os.path.join(out_dir, POPULATIONS_PNG), x_cp, truth),
-                   plot_totals(f, os.path.join(out_dir, TOTALS_PNG), x_cp, truth)]
+        written = draw_fit(f, path, out_dir, x_cp, n_spaxels=n_spaxels, recon=recon if has_recon else None,
+                           rank_by=rank_by)
         if has_recon and lay.SPAXEL_XY in f:
             written.append(plot_rmse_map(f, os.path.join(out_dir, RMSE_MAP_PNG), recon))
         else:
@@ -132,6 +128,39 @@ def draw_all(path: str, out_dir: str, *, n_spaxels: int, recon: str, x_dataset: 
     return written
 
 
+def draw_fit(f, path: str, out_dir: str, x, *, n_spaxels: int = 3, recon: str | None = None,
+             rank_by: str = "rmse", x_note: str | None = None) -> list[str]:
+    """Spectra, population weights and component totals of one ``x``, into ``out_dir``.  Local.
+
+    Parameters
+    ----------
+    f : the cube file, open (serially) for reading
+    path : str, its name (for messages)
+    out_dir : str, created when missing
+    x : (C·P,) or (C, P) float64, the weights to draw (a solution or a live snapshot)
+    n_spaxels : int, best and worst spaxels drawn
+    recon : str or None, a reconstruction of this ``x`` to rank all spaxels by; None computes the
+        models of an evenly spaced sample from ``/HyperCube/models``
+    rank_by : {"rmse", "chi2"}
+    x_note : str, optional, where ``x`` comes from (shown in the spectra's title)
+
+    Returns
+    -------
+    list of str: ``spectra_best_worst.png``, ``population_weights.png``, ``component_totals.png``.
+    Each PNG is written atomically (a temporary file renamed over it): a viewer never sees half.
+    """
+    n_comp, n_pop = _components_populations(f, path)
+    x_cp = np.asarray(x, dtype=np.float64)
+    if x_cp.size != n_comp * n_pop:
+        raise InputError(f"x: expected C*P = {n_comp}*{n_pop} values, got {x_cp.size}")
+    x_cp = x_cp.reshape(n_comp, n_pop)
+    os.makedirs(out_dir, exist_ok=True)
+    truth = _read_truth(f, n_comp, n_pop)
+    return [plot_spectra(f, path, os.path.join(out_dir, SPECTRA_PNG), n_spaxels, recon, x_cp, rank_by, x_note),
+            plot_populations(f, os.path.join(out_dir, POPULATIONS_PNG), x_cp, truth),
+            plot_totals(f, os.path.join(out_dir, TOTALS_PNG), x_cp, truth)]
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers (local)
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +174,14 @@ def _new_figure(width: float, height: float):
 
 
 def _save(fig, out_path: str) -> str:
-    fig.savefig(out_path, dpi=DPI, format="png")
+    """Write the PNG to a temporary file beside ``out_path``, then rename it over (atomic)."""
+    tmp = f"{out_path}.{os.getpid()}.tmp"
+    try:
+        fig.savefig(tmp, dpi=DPI, format="png")
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return out_path
 
 
@@ -202,8 +238,11 @@ def select_best_worst(metric: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarra
 # the plots (local; each returns the path written)
 # ---------------------------------------------------------------------------------------------
 def plot_spectra(f, path: str, out_path: str, n: int, recon: str | None, x_cp: np.ndarray,
-                 rank_by: str) -> str:
-    """Data, model and residual of the best and worst spaxels.  Local."""
+                 rank_by: str, x_note: str | None = None) -> str:
+    """Data, model and residual of the best and worst spaxels.  Local.
+
+    ``x_note`` says where ``x`` comes from in the title when it is not the stored solution.
+    """
     n_s, n_l = f[lay.DATACUBE].shape
     used, weights, _ = read_mask_and_weights(f, n_l)
     if lay.OBS_PIX in f:
@@ -217,7 +256,8 @@ def plot_spectra(f, path: str, out_path: str, n: int, recon: str | None, x_cp: n
     else:
         sample = np.unique(np.linspace(0, n_s - 1, min(2 * n, n_s)).round().astype(int))
         best, worst = sample, sample       # ranked within the sample below
-        source = f"evenly spaced sample of {sample.size} spaxels (no {recon or RECON_DEFAULT}: run `recon`)"
+        source = f"evenly spaced sample of {sample.size} spaxels " + \
+            (f"({x_note})" if x_note else f"(no {recon or RECON_DEFAULT}: run `recon`)")
     rows = np.unique(np.concatenate((best, worst)))
     data = np.asarray(f[lay.DATACUBE][rows, :], dtype=np.float64)
     if recon is not None:
