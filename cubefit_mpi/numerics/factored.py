@@ -52,8 +52,10 @@ def template_basis(templates: np.ndarray, shifts: np.ndarray, rebin_lt) -> np.nd
     return out
 
 
-def factors_are_exact(templates: np.ndarray, rebin) -> str | None:
+def factors_are_exact(templates: np.ndarray, rebin, first_pixel: int = 0) -> str | None:
     """None when ``A = κ·B`` exactly (the clip ``max(0, ·)`` can never act), else the reason.  Local.
+
+    ``first_pixel``: the template grid's index of ``templates[:, 0]`` (for the message).
 
     Kernels and scales are non-negative by construction, so non-negative templates and a
     non-negative ``/R_T`` make every convolved, rebinned model non-negative.
@@ -61,7 +63,7 @@ def factors_are_exact(templates: np.ndarray, rebin) -> str | None:
     t_min = float(np.min(templates))
     if t_min < 0:
         p, t = np.unravel_index(int(np.argmin(templates)), templates.shape)
-        return (f"/Templates has negative values (min {t_min:.3g} at template {p}, pixel {t}): the builder's "
+        return (f"/Templates has negative values (min {t_min:.3g} at template {p}, pixel {t + first_pixel}): the builder's "
                 f"max(0, ·) makes the hypercube differ from the factors")
     r_min = float(rebin.min())            # a dense array or a scipy.sparse matrix
     if r_min < 0:

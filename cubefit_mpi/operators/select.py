@@ -53,7 +53,7 @@ def open_operator(path: str, requested: str = "auto", *, norm_mode: str | None =
         norm = norm_mode or (str(attrs["norm.mode"]) if has_cube and "norm.mode" in attrs else DEFAULT_NORM)
         amp = amp_mode or (str(attrs["amp.mode"]) if has_cube and "amp.mode" in attrs else DEFAULT_AMP)
         inputs = ModelInputs.read(f, norm, amp, comm)
-        reason = factors_are_exact(inputs.templates, inputs.rebin_lt)
+        reason = factors_are_exact(inputs.templates, inputs.rebin_lt, inputs.template_range[0])
         if reason is None:
             return FactoredOperator(path, inputs)
         if requested == "factored":
