@@ -124,6 +124,10 @@ class Knobs:
                             "Kaczmarz reads the next tile in a background thread (auto: when the node has a "
                             "core more than its ranks)", choices=("auto", "1", "0"))
     fft_threads: int = _knob("CUBEFIT_FFT_THREADS", 1, "FFTW threads per rank in the builder", minimum=1)
+    build_method: str = _knob("CUBEFIT_BUILD_METHOD", "auto",
+                              "how build fills tiles: gemm (one GEMM of the two factors per unit), fft (FFT "
+                              "convolution per (s, c) + sparse rebin), auto (gemm when the factors are exact)",
+                              choices=("auto", "gemm", "fft"))
     build_checkpoint_sec: float = _knob("CUBEFIT_BUILD_CHECKPOINT_SEC", 10.0,
                                         "seconds between build checkpoints (file sync, then done bits)",
                                         minimum=0.0)
