@@ -95,6 +95,19 @@ def test_normal_equations_equal_an_independent_float64_pass(tmp_path, variant):
     x = np.random.default_rng(3).uniform(0.0, 1.0, gram.shape[0])
     chi2 = float(np.sum((target - design @ x) ** 2))
     assert op.residual_chi2(Weighting(mask, weights), x, SELF) == pytest.approx(chi2, rel=1e-10)
+    # the factors' tiles equal the hypercube the FFT path builds, to its float32 rounding
+    import os
+
+    os.environ["CUBEFIT_BUILD_METHOD"] = "fft"
+    try:
+        build_hypercube(str(path), norm_mode=norm, amp_mode=amp, S_chunk=5, comm=SELF)
+    finally:
+        del os.environ["CUBEFIT_BUILD_METHOD"]
+    with h5py.File(path, "r") as f:
+        stored = f["/HyperCube/models"][...]
+        losvd = f["/LOSVD"][...]
+    tiles = op.tile_models(op.kappa(losvd, 0), 0, op.C, dtype=np.float64)
+    np.testing.assert_allclose(tiles, stored, rtol=0, atol=3e-7 * np.abs(stored).max())
 
 
 def test_a_file_without_hypercube_solves_to_the_dense_optimum_and_recons(tmp_path):
@@ -115,6 +128,16 @@ def test_a_file_without_hypercube_solves_to_the_dense_optimum_and_recons(tmp_pat
     model = dense_models(path).reshape(23, -1, 97)
     np.testing.assert_allclose(recon, np.einsum("sil,i->sl", model, x), rtol=1e-10, atol=1e-12)
     assert out["components_total"] == 3
+
+
+def test_working_set_from_the_factors_equals_the_gram_method(tmp_path, monkeypatch):
+    path = mock(tmp_path / "g.h5", populations=8)
+    x_g, s_g = solve_exact(str(path), use_weights=False, comm=SELF)
+    monkeypatch.setenv("CUBEFIT_GRAM_MAX_BYTES", str(8 * 24 * 23))      # G does not fit, 23 of its columns do
+    x_w, s_w = solve_exact(str(path), use_weights=False, comm=SELF)
+    assert s_w["method"] == "exact-working-set" and s_w["operator"] == "factored" and s_w["kkt.ok"]
+    assert s_w["objective"] == pytest.approx(s_g["objective"], rel=1e-9)
+    np.testing.assert_allclose(x_w, x_g, rtol=1e-6, atol=1e-9 * x_g.max())
 
 
 def test_noise_free_truth_recovered_from_the_factors(tmp_path):
