@@ -8,8 +8,9 @@ equations:
 1. one pass over this rank's S-tiles (LOSVD rows and spectra, collective reads) accumulates
    ``M = Σ_s κ_s κ_sᵀ``, ``b`` and ``yᵀWy``; all three are summed over ranks (float64);
 2. G is contracted block by block over population pairs ``(p-block, p'-block)``, the upper
-   blocks dealt to ranks (one GEMM for Φ's block, one with M for G's), so Φ is never held
-   whole; the blocks are summed on rank 0 by the upper-triangle reduction.
+   blocks dealt to ranks round-robin (one GEMM for Φ's block, one with M for G's), so Φ is
+   never held whole; each block goes to rank 0, which places it and its mirror: only rank 0
+   holds an N×N array.
 
 Exact whenever the builder's ``max(0, ·)`` cannot act (non-negative templates and ``/R_T``);
 :func:`~cubefit_mpi.operators.select.open_operator` checks that before it makes one.
@@ -28,7 +29,8 @@ from ..io.model_inputs import ModelInputs
 from ..numerics import factored as fa
 from ..numerics.digest import array_digest
 from ..numerics.kernels import unit_kernels
-from ..parallel.collectives import allreduce_sum, reduce_sum, reduce_upper_to_root
+from ..numerics.support import support_map
+from ..parallel.collectives import allreduce_sum, reduce_sum
 from ..parallel.decomposition import block_range, padded_schedule, tile_bounds
 from ..parallel.timers import PhaseTimer
 from .base import Operator, Weighting
@@ -52,6 +54,7 @@ class FactoredOperator(Operator):
         super().__init__(path, d.S, d.C, d.P, d.L, tile_bounds(d.S, s_tile), inputs.norm_mode, inputs.amp_mode)
         self.step_tiles = tile_bounds(d.S, default_chunks(d.S, d.C, d.P, d.L)[0])    # as the builder's S-chunks
         self.m_total: np.ndarray | None = None          # Σ_s κκᵀ (C·K, C·K), once a pass made it
+        self.support = support_map(inputs.scale)         # (S, C): dark (s, c) have κ = 0 and are skipped
         self._provenance = {"operator": self.kind, "models.version": "",
                             "models.fingerprint": inputs.fingerprint, "norm.mode": inputs.norm_mode,
                             "amp.mode": inputs.amp_mode,
@@ -116,8 +119,11 @@ class FactoredOperator(Operator):
                 continue
             with timer.phase("compute"):
                 y_w = y[:, weighting.used] * weighting.sqrt_w
-                m += fa.kappa_gram(kappa)
-                rhs += fa.rhs_contribution(kappa, fa.projections(basis_w, y_w))
+                lit = np.flatnonzero(self.support[tile[0]:tile[1]].any(axis=0))   # components with light here
+                k_lit = np.ascontiguousarray(kappa[:, lit])
+                idx = (lit[:, None] * self.K + np.arange(self.K)[None, :]).reshape(-1)
+                m[np.ix_(idx, idx)] += fa.kappa_gram(k_lit)
+                rhs[lit] += fa.rhs_contribution(k_lit, fa.projections(basis_w, y_w))
                 yy += float(np.sum(y_w * y_w))
         with timer.phase("comm"):
             self.m_total = allreduce_sum(m, comm)
@@ -140,21 +146,43 @@ class FactoredOperator(Operator):
             m_cc = fa.m_for_contraction(self.m_total, C, self.K)
             blocks = fa.population_blocks(P, self.population_block())
             pairs = [(a, b) for i, a in enumerate(blocks) for b in blocks[i:]]
-            lo, hi = block_range(len(pairs), comm.Get_size(), comm.Get_rank())
-            partial = np.zeros((C, P, C, P))
-            for pa, pb in pairs[lo:hi]:
-                block = fa.gram_block(m_cc, basis_w, pa, pb)
-                partial[:, pa[0]:pa[1], :, pb[0]:pb[1]] = block
-                if pa != pb:
-                    partial[:, pb[0]:pb[1], :, pa[0]:pa[1]] = block.transpose(2, 3, 0, 1)
+            gram = self._assemble(pairs, m_cc, basis_w, comm, timer)
         t_pass = time.perf_counter() - t0
-        with timer.phase("comm"):
-            gram = reduce_upper_to_root(partial.reshape(C * P, C * P), comm)
-        del partial
         diag = fa.gram_diagonal(self.m_total, basis_w).reshape(-1)
         return {"gram": gram, "rhs": rhs, "yy": yy, "diag": diag, "pass_seconds": t_pass,
-                "reduce_seconds": time.perf_counter() - t0 - t_pass, "phases": dict(timer.seconds),
+                "reduce_seconds": 0.0, "phases": dict(timer.seconds),
                 "phases_by_rank": timer.by_rank(comm), "population_block": int(blocks[0][1] - blocks[0][0])}
+
+    def _assemble(self, pairs: list, m_cc: np.ndarray, basis_w: np.ndarray, comm, timer: PhaseTimer):
+        """G (N, N) on rank 0 (None elsewhere) from its upper block pairs, dealt round-robin: a rank
+        computes its pairs and sends each block to rank 0, which places it and its mirror.  Only
+        rank 0 holds an N×N array.  Collective over comm."""
+        C, P = self.C, self.P
+        rank, size = comm.Get_rank(), comm.Get_size()
+        gram4 = np.zeros((C, P, C, P)) if rank == 0 else None
+        pending = []
+        for i, (pa, pb) in enumerate(pairs):
+            owner = i % size
+            if owner == rank:
+                block = np.ascontiguousarray(fa.gram_block(m_cc, basis_w, pa, pb))
+                if rank != 0:
+                    with timer.phase("comm"):
+                        pending.append((comm.Isend(block, dest=0, tag=i), block))
+                        if len(pending) > 2:                  # at most two blocks in flight
+                            pending.pop(0)[0].Wait()
+                    continue
+            elif rank == 0:
+                block = np.empty((C, pa[1] - pa[0], C, pb[1] - pb[0]))
+                with timer.phase("comm"):
+                    comm.Recv(block, source=owner, tag=i)
+            else:
+                continue
+            gram4[:, pa[0]:pa[1], :, pb[0]:pb[1]] = block
+            if pa != pb:
+                gram4[:, pb[0]:pb[1], :, pa[0]:pa[1]] = block.transpose(2, 3, 0, 1)
+        for request, _ in pending:
+            request.Wait()
+        return None if gram4 is None else gram4.reshape(C * P, C * P)
 
     def diagonal_pass(self, weighting: Weighting, comm) -> dict:
         rhs, yy = self._data_pass(weighting, comm, PhaseTimer())
@@ -193,5 +221,8 @@ class FactoredOperator(Operator):
         return None if tile is None else fa.model_spectra(kappa, self.basis, x_cp)
 
     def tile_models(self, kappa: np.ndarray, c0: int, c1: int, dtype=np.float32) -> np.ndarray:
-        """``A[s-tile, c0:c1]`` ``(n, c1 - c0, P, L)`` from the tile's ``κ``, clipped as the builder.  Local."""
-        return fa.model_tile(kappa[:, c0:c1], self.basis, dtype=dtype)
+        """``A[s-tile, c0:c1]`` ``(n, c1 - c0, P, L)`` from the tile's ``κ``, clipped as the builder;
+        the (s, c) rows without light (κ = 0) are zero without a product.  Local."""
+        return fa.lit_model_tile(kappa[:, c0:c1], self.basis, dtype)
+
+

@@ -33,7 +33,8 @@ from ..io.model_inputs import ModelInputs, check_modes
 from ..io.validation import validate_inputs
 from ..numerics.column_energy import pixel_weights, tile_energy
 from ..numerics.convolve import FFTConvolver
-from ..numerics.factored import factors_are_exact, kernel_weights, model_tile, template_basis
+from ..numerics.factored import factors_are_exact, kernel_weights, lit_model_tile, template_basis
+
 from ..numerics.kernels import DEFAULT_AMP, unit_kernels
 from ..numerics.normalization import DEFAULT_NORM
 from ..parallel.collectives import agree, allreduce_sum
@@ -70,8 +71,8 @@ def _unit_filler(inp: ModelInputs, method: str, knobs):
     if method == "gemm":
         basis = template_basis(inp.templates, inp.shifts, inp.rebin_lt)
 
-        def fill(kernels, s0, s1, c0, c1):
-            return model_tile(kernel_weights(kernels[:, c0:c1], inp.scale[s0:s1, c0:c1]), basis)
+        def fill(kernels, s0, s1, c0, c1):            # (s, c) without light: zeros, no product
+            return lit_model_tile(kernel_weights(kernels[:, c0:c1], inp.scale[s0:s1, c0:c1]), basis)
     else:
         conv = FFTConvolver(inp.templates, inp.shifts, threads=knobs.fft_threads)
 

@@ -12,6 +12,7 @@ import numpy as np
 from ..config.errors import InputError
 from ..io import layout as lay
 from ..io.h5file import open_h5
+from ..numerics.support import summary, support_map
 
 
 def _fmt_shape(dset) -> str:
@@ -72,9 +73,11 @@ def _hypercube_rows(f) -> list[tuple[str, str]]:
         done = np.asarray(f[lay.DONE][...])
         rows.append(("build", f"{int(done.sum())}/{done.size} tiles done "
                      f"({100.0 * done.sum() / max(done.size, 1):.1f}%), complete={bool(hc.get('complete', False))}"))
-    for key in ("norm.mode", "amp.mode", "rebin.mode"):
+    for key in ("norm.mode", "amp.mode", "rebin.mode", "build.method"):
         if key in hc:
             rows.append((key, str(hc[key])))
+    if lay.LOSVD_AMP in f:
+        rows.append(("component support", summary(support_map(np.asarray(f[lay.LOSVD_AMP][...])))))
     return rows
 
 
