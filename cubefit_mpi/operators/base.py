@@ -84,6 +84,12 @@ class Operator:
         """``Σ_{s, λ∈mask} w (y − A x)²`` by a pass of its own.  Collective over comm."""
         raise NotImplementedError
 
+    def adjoint(self, f, tile, weighting: Weighting, v_w: np.ndarray | None) -> np.ndarray | None:
+        """``Aᵀ √W v`` of the spaxels ``tile = (s0, s1)`` for ``v_w (n, L_used, R)`` (√w-weighted
+        vectors on the used pixels), as ``(R, N)``; None for ``tile=None``.  Collective over the
+        file's communicator in rounds, as :meth:`spectra`."""
+        raise NotImplementedError
+
     # --- models ----------------------------------------------------------------------------------
     def read_blocks(self, x_cp: np.ndarray) -> list:
         """The (c, p) blocks of a stored A that ``A·x`` needs (none when A is not stored).  Local."""

@@ -220,6 +220,20 @@ class FactoredOperator(Operator):
         kappa = self.read_kappa(f, tile)
         return None if tile is None else fa.model_spectra(kappa, self.basis, x_cp)
 
+    def adjoint(self, f, tile, weighting: Weighting, v_w: np.ndarray | None) -> np.ndarray | None:
+        kappa = self.read_kappa(f, tile)
+        if tile is None:
+            return None
+        key = (weighting.mask.tobytes(), None if weighting.weights is None else weighting.weights.tobytes())
+        if getattr(self, "_basis_w_key", None) != key:
+            self._basis_w = fa.weighted_basis(self.basis, weighting.sqrt_w, weighting.used)
+            self._basis_w_key = key
+        K, P, lu = self._basis_w.shape
+        n, R = v_w.shape[0], v_w.shape[2]
+        z = np.einsum("ql,slr->sqr", self._basis_w.reshape(K * P, lu), v_w).reshape(n * K, P * R)   # (n·K, P·R)
+        rhs = kappa.transpose(1, 0, 2).reshape(self.C, n * K) @ z                                    # (C, P·R)
+        return rhs.reshape(self.C, P, R).transpose(2, 0, 1).reshape(R, self.n_params)
+
     def tile_models(self, kappa: np.ndarray, c0: int, c1: int, dtype=np.float32) -> np.ndarray:
         """``A[s-tile, c0:c1]`` ``(n, c1 - c0, P, L)`` from the tile's ``κ``, clipped as the builder;
         the (s, c) rows without light (κ = 0) are zero without a product.  Local."""

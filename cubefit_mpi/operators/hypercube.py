@@ -158,6 +158,21 @@ class HypercubeOperator(Operator):
             chi2 += float(resid @ resid)
         return float(allreduce_sum(np.array([chi2]), comm)[0])
 
+    def adjoint(self, f, tile, weighting: Weighting, v_w: np.ndarray | None) -> np.ndarray | None:
+        models = f[lay.MODELS]
+        if tile is None:
+            read_block(models, None, None)
+            return None
+        s0, s1 = tile
+        a_tile = read_block(models, (s0, 0, 0, 0), (s1 - s0, self.C, self.P, self.L))
+        used, sqrt_w = weighting.used, weighting.sqrt_w
+        cols = lit_columns(self._lit_on(tile), self.P)
+        out = np.zeros((v_w.shape[2], self.n_params))
+        for i in range(s1 - s0):
+            design = a_tile[i].reshape(self.n_params, self.L)[cols][:, used] * sqrt_w    # (n_cols, L_used)
+            out[:, cols] += (design @ v_w[i]).T
+        return out
+
     def read_blocks(self, x_cp: np.ndarray) -> list:
         """The (c, p) blocks of A a model ``A·x`` needs: non-zero weights only, chunk-aligned.  Local."""
         c_chunk, p_chunk = (self.chunks[1], self.chunks[2]) if self.chunks is not None else (1, self.P)

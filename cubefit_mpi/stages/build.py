@@ -25,7 +25,7 @@ from ..config.knobs import get_knobs
 from ..config.options import keyword_checked
 from ..io import layout as lay
 from ..io.blocks import read_block, write_block
-from ..io.datasets import default_chunks, parse_compression, replace_dataset
+from ..io.datasets import allocated_now, default_chunks, parse_compression, replace_dataset
 from ..io.h5file import open_h5, open_uncached
 from ..io.hypercube_state import CONVERTING_ATTR, RECOMPRESS_OLD, RECOMPRESS_TMP, mark_models_changed
 from ..io.manager import H5Manager
@@ -363,11 +363,8 @@ def _create_datasets(f, d, plan: _Plan) -> None:
         if CONVERTING_ATTR in f[lay.HYPERCUBE].attrs:
             del f[lay.HYPERCUBE].attrs[CONVERTING_ATTR]
     group = f.require_group(lay.HYPERCUBE)
-    import h5py
-
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    if filt is None:                     # allocate everything now; never write fill values (1 TB of zeros)
-        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    # uncompressed: allocate everything now; never write fill values (1 TB of zeros)
+    dcpl = allocated_now() if filt is None else None
     f.create_dataset(lay.MODELS, shape=(d.S, d.C, d.P, d.L), dtype="f4", chunks=chunks + (d.L,),
                      compression=filt, compression_opts=filt_opt, dcpl=dcpl, fill_time="never")
     f.create_dataset(lay.DONE, shape=grid, dtype="u1", fillvalue=0)

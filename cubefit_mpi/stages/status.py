@@ -13,6 +13,7 @@ from ..config.errors import InputError
 from ..io import layout as lay
 from ..io.h5file import open_h5
 from ..numerics.support import summary, support_map
+from ..solvers.uncertainty import bootstrap_is_current
 
 
 def _fmt_shape(dset) -> str:
@@ -53,9 +54,26 @@ def file_status(path: str) -> list[tuple[str, str]]:
             attrs = dict(f[lay.SOLVE].attrs)
             keys = [k for k in ("method", "chi2", "kkt.ok", "active_set", "iterations") if k in attrs]
             rows.append((lay.SOLVE, ", ".join(f"{k}={attrs[k]}" for k in keys) or "present"))
+        if lay.UNCERTAINTY_DONE in f:
+            rows.append((lay.UNCERTAINTY, _uncertainty_row(f)))
         if lay.TRUTH_X in f:
-            rows.append((lay.TRUTH, f"synthetic galaxy, seed={f[lay.TRUTH].attrs.get('seed', '?')}"))
+            truth = f[lay.TRUTH].attrs
+            rows.append((lay.TRUTH, f"mock galaxy ({truth.get('templates', 'synthetic')} templates), "
+                                    f"seed={truth.get('seed', '?')}"))
     return rows
+
+
+def _uncertainty_row(f) -> str:
+    """Replicates done, how they were drawn, the component totals with their spread.  Local."""
+    done = np.asarray(f[lay.UNCERTAINTY_DONE][...], dtype=bool)
+    a = f[lay.UNCERTAINTY_REPLICATES].attrs
+    line = "" if bootstrap_is_current(f) else "STALE (made for an earlier /X_global; rerun `uncertainty`): "
+    line += f"{int(done.sum())}/{done.size} replicates ({a.get('method', '?')}, seed {a.get('seed', '?')})"
+    group = f[lay.UNCERTAINTY]
+    if "totals_mean" in group and "totals_std" in group:
+        totals = ", ".join(f"{m:.4g} +- {s:.2g}" for m, s in zip(group["totals_mean"][...], group["totals_std"][...]))
+        line += f"; component totals {totals}"
+    return line
 
 
 def _hypercube_rows(f) -> list[tuple[str, str]]:
