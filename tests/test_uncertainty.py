@@ -220,3 +220,25 @@ def test_needs_an_exact_fit(tmp_path):
         bootstrap_uncertainty(str(path), replicates=2, comm=SELF)
     res = run_cli("solve", path, "--method", "kaczmarz", "--bootstrap", "2")
     assert res.returncode == 2 and "--bootstrap" in res.stderr
+
+
+def test_small_coverage_validation(tmp_path):
+    """benchmarks/bootstrap_coverage.py in small: the intervals of the component totals cover the
+    truth about 68 % of the time and the bootstrap's spread matches the fits' spread."""
+    import json
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "coverage.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bootstrap_coverage.py"), "--realisations", "30",
+                          "--replicates", "30", "--spaxels", "30", "--block", "pixel", "--figure",
+                          str(tmp_path / "coverage.png"), "--json", str(out)], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(out.read_text())
+    for c in range(2):
+        assert 0.45 <= summary["totals"]["coverage"][c] <= 0.9, summary["totals"]
+        assert 0.75 <= summary["totals"]["spread_ratio"][c] <= 1.3, summary["totals"]
+        assert 0.75 <= summary["mean_metallicity"]["spread_ratio"][c] <= 1.3, summary["mean_metallicity"]
+    assert summary["weights_zero"] > 0.85          # a weight at its bound: the interval [0, p84] contains 0
+    assert (tmp_path / "coverage.png").stat().st_size > 10_000
