@@ -49,3 +49,29 @@ def matvec_blas_threads(threads: int = 0):
 
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
+
+def process_cores() -> int:
+    """Cores this process may run on (its affinity mask; ``os.cpu_count()`` where unknown).  Local."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def node_blas_threads(threads: int = 0):
+    """All this process's cores as BLAS threads inside the block; yields the count.  Local.
+
+    For rank 0's exact NNLS while the other ranks sleep in
+    :func:`~cubefit_mpi.parallel.collectives.wait_for_root`: its factorizations are BLAS-3 and
+    scale with the cores.  ``threads`` > 0 (``CUBEFIT_BLAS_THREADS``) is used as given.  A
+    launcher that binds each rank to one core (``srun --cpu-bind=cores``) leaves rank 0 one core:
+    launch the exact solve unbound or with one rank per node.
+    """
+    import scipy.linalg  # noqa: F401 -- load every BLAS first: threadpoolctl limits the loaded ones
+    from threadpoolctl import threadpool_limits
+
+    count = int(threads) if threads > 0 else process_cores()
+    with threadpool_limits(limits=count, user_api="blas"):
+        yield count

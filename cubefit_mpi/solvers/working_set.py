@@ -2,8 +2,8 @@
 
 Pass 0 computes b, diag(G) and yᵀWy.  Each further pass computes only the Gram columns of the
 most KKT-violating columns (scaled gradient ``g_j / √G_jj`` most negative), the working-set
-problem is solved exactly (active-set NNLS on ``G[W, W]``), and the full gradient follows from
-the stored columns: ``g = G[:, W] x_W − b``.  It stops on the same KKT certificate as the full
+problem is solved exactly (the NNLS of ``CUBEFIT_NNLS_GRAM_METHOD`` on ``G[W, W]``, warm-started),
+and the full gradient follows from the stored columns: ``g = G[:, W] x_W − b``.  It stops on the same KKT certificate as the full
 method.  Memory per rank: ``N × |W|`` float64.
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ import time
 import numpy as np
 
 from ..config.errors import InputError
-from ..numerics.nnls import nnls_gram
+from ..config.knobs import get_knobs
+from ..numerics.nnls_select import expects_dense, solve_gram
 from ..numerics.regularization import Regularization
 from ..parallel.collectives import bcast_array
 from .gram import SolveInputs, diagonal_pass, gram_columns
@@ -33,6 +34,7 @@ def solve_working_set(inputs: SolveInputs, reg: Regularization, *, budget: int, 
         raise InputError(f"CUBEFIT_GRAM_MAX_BYTES={budget}: cannot hold even one Gram column of N={n} "
                          f"({8 * n} bytes); raise it or use fewer ranks per node")
     block = int(block or max(8, min(n // 20 + 1, 256)))
+    method, dense = get_knobs().nnls_gram_method, reg.active and expects_dense(reg)
     t0 = time.perf_counter()
     first = diagonal_pass(inputs, comm)
     rhs, yy = first["rhs"], first["yy"]
@@ -64,7 +66,7 @@ def solve_working_set(inputs: SolveInputs, reg: Regularization, *, budget: int, 
         if comm.Get_rank() == 0:
             columns = np.hstack([columns, block_cols])
             g_ws = columns[working] + (reg.columns(working)[working] if reg.active else 0.0)
-            result = nnls_gram(g_ws, rhs[working], tol=tol, x0=x[working])
+            result = solve_gram(g_ws, rhs[working], method=method, tol=tol, x0=x[working], expect_dense=dense).result
             x = np.zeros(n)
             x[working] = result.x
             full_cols = columns + (reg.columns(working) if reg.active else 0.0)
