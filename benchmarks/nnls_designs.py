@@ -48,7 +48,8 @@ def nnls_interior(gram, rhs, *, tol=1e-10, max_iter=80, x0=None, crossover=True)
     x0 : ignored
         Interior-point methods do not warm start well; accepted for a common signature.
     crossover : bool, optional
-        False returns the interior iterate (not exactly complementary).
+        False returns the interior iterate (not exactly complementary).  The crossover is block
+        pivoting from ``{x_j > z_j}``, given up when it stalls (then not converged).
 
     Returns
     -------
@@ -106,7 +107,7 @@ def nnls_interior(gram, rhs, *, tol=1e-10, max_iter=80, x0=None, crossover=True)
         return BlockNNLSResult(x, iterations, False, int(np.count_nonzero(x > 0)),
                                f"interior point stopped after {iterations} iterations", iterations, 8 * n * n)
     start = np.where(free & (xs > zs), 1.0, 0.0)
-    result = nnls_pivot(system.gram, system.rhs, tol=tol, x0=start)
+    result = nnls_pivot(system.gram, system.rhs, tol=tol, x0=start, safeguard="stop")
     return BlockNNLSResult(result.x, iterations + result.iterations, result.converged, result.passive_size,
                            f"interior point: {iterations} iterations; crossover {result.message}",
                            iterations + result.factorizations, max(8 * n * n, result.work_bytes), result.stalled)

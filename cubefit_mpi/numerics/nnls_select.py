@@ -59,7 +59,7 @@ class GramSolution:
     result : NNLSResult (x (N,) float64, iterations, converged, passive_size, message)
     method : str, the method that produced x ("lawson-hanson", "block-pivoting", or both joined by "+")
     factorizations : int, blocked factorizations of block pivoting (0 for Lawson–Hanson alone)
-    work_bytes : int, the largest factor held besides G (bytes; N² · 8 bounds it)
+    work_bytes : int, the work array held besides G (bytes; block pivoting: N² · 8; Lawson–Hanson: ≈ 16 k²)
     phases : list of (method, seconds, iterations)
     """
 
@@ -73,6 +73,11 @@ class GramSolution:
 def factor_bytes(n: int) -> int:
     """Bytes of the one N×N work array an exact NNLS may hold besides G (both methods).  Local."""
     return 8 * int(n) * int(n)
+
+
+def _lh_bytes(result) -> int:
+    """Lawson–Hanson's factor, about: its k × k Cholesky factor and the grown copy of an append."""
+    return 16 * result.passive_size ** 2
 
 
 def _run(phases, name, fn, *args, **kwargs):
@@ -105,7 +110,7 @@ def solve_gram(gram, rhs, *, method: str = "auto", tol: float = 1e-10, x0=None,
     phases: list = []
     if method == "lawson-hanson" or (method == "auto" and n < AUTO_MIN_N):
         result = _run(phases, "lawson-hanson", nnls_gram, gram, rhs, tol=tol, x0=x0)
-        return GramSolution(result, "lawson-hanson", 0, 0, phases)
+        return GramSolution(result, "lawson-hanson", 0, _lh_bytes(result), phases)
     used, start = [], x0
     if method == "auto" and not expect_dense and not (
             x0 is not None and np.count_nonzero(np.asarray(x0) > 0) > AUTO_DENSE_FRACTION * n):
@@ -113,7 +118,7 @@ def solve_gram(gram, rhs, *, method: str = "auto", tol: float = 1e-10, x0=None,
         first = _run(phases, "lawson-hanson", nnls_gram, gram, rhs, tol=tol, x0=x0, max_iter=budget)
         used.append("lawson-hanson")
         if first.converged:
-            return GramSolution(first, "lawson-hanson", 0, 0, phases)
+            return GramSolution(first, "lawson-hanson", 0, _lh_bytes(first), phases)
         logger.debug("auto NNLS: Lawson-Hanson still adding after %d iterations; block pivoting", budget)
         start = first.x
     pivot = _run(phases, "block-pivoting", nnls_pivot, gram, rhs, tol=tol, x0=start, safeguard="stop")
