@@ -83,7 +83,7 @@ def test_solve_on_root_restores_g_and_certifies(caplog):
     assert info["kkt.ok"] and info["nnls.method"] == "lawson-hanson"          # N = 60 < AUTO_MIN_N
     assert info["curvature"] == pytest.approx(float(x @ original @ x), rel=1e-12)
     assert info["objective"] == pytest.approx(certify(total, rhs, x).objective, rel=1e-12)
-    assert info["nnls.peak_bytes"] >= original.nbytes and info["nnls.threads"] >= 1
+    assert info["nnls.peak_bytes"] >= original.nbytes and info["nnls.threads"] == 0     # N < 2048: as launched
     assert "exact NNLS (lawson-hanson, auto)" in caplog.text and "peak memory on rank 0" in caplog.text
 
 
@@ -117,13 +117,20 @@ def test_knob_through_solve_exact(tmp_path, monkeypatch, method):
         assert f["/Solve"].attrs["nnls.method"] == stats["nnls.method"]
 
 
-def test_node_blas_threads():
+def test_node_blas_threads(monkeypatch):
     from threadpoolctl import threadpool_info
 
-    before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
-    with node_blas_threads() as count:
-        assert count == process_cores()
-        assert all(i["num_threads"] == count for i in threadpool_info() if i["user_api"] == "blas")
+    import cubefit_mpi.parallel.threads as threads_module
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    assert 0.0 <= threads_module.idle_cores(0.01) <= process_cores() + 1e-9
+    for idle, expected in ((0.0, 1), (1.7, min(2, process_cores())), (500.0, process_cores())):
+        monkeypatch.setattr(threads_module, "idle_cores", lambda idle=idle: idle)
+        with node_blas_threads() as count:
+            assert count == expected and all(n == count for n in blas_threads())
     with node_blas_threads(1) as count:
-        assert count == 1
-    assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == before
+        assert count == 1 and all(n == 1 for n in blas_threads())
+    assert blas_threads() == before

@@ -73,7 +73,7 @@ def bcast_array(array, comm=None, root: int = 0) -> np.ndarray:
     return buf
 
 
-def wait_for_root(comm=None, root: int = 0, max_sleep: float = 0.02) -> float:
+def wait_for_root(comm=None, root: int = 0, max_sleep: float = 0.005) -> float:
     """Return on every rank once ``root`` has called this too; the others sleep meanwhile.  Collective over comm.
 
     For a stretch where ``root`` works alone (rank 0's NNLS): MPICH busy-polls inside a blocking

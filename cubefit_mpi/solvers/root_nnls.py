@@ -3,8 +3,8 @@
 :func:`solve_on_root` is step 2 of the exact method (:mod:`.exact`): the memory check (G plus
 one N×N factor on rank 0; :func:`check_nnls_memory`), the quadratic terms added to G in place
 (and taken off after), the method of ``CUBEFIT_NNLS_GRAM_METHOD``
-(:func:`~cubefit_mpi.numerics.nnls_select.solve_gram`), rank 0's BLAS threads raised to its
-cores while the other ranks sleep in :func:`~cubefit_mpi.parallel.collectives.wait_for_root`,
+(:func:`~cubefit_mpi.numerics.nnls_select.solve_gram`), rank 0's BLAS threads raised to the
+node's idle cores (N ≥ :data:`NODE_THREADS_MIN_N`) while the other ranks sleep in :func:`~cubefit_mpi.parallel.collectives.wait_for_root`,
 the solver-independent certificate, and a log of method, time and peak memory.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import os
 import resource
 import time
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from ..parallel.threads import node_blas_threads
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
 _GB = 1e9
+NODE_THREADS_MIN_N = 2048       # smaller NNLS (< 0.1 s) keep the launch's threads: no 50 ms core sampling
 
 
 def _size(nbytes) -> str:
@@ -94,7 +96,7 @@ def solve_on_root(gram, rhs, reg, *, tol: float, comm=None, x0=None) -> tuple[np
     x : (N,) float64
     info : dict -- ``iterations``, ``converged``, ``active_set``, ``message``, ``objective``
         (½xᵀ(G+R)x − bᵀx), ``curvature`` (xᵀGx), the ``kkt.*`` certificate and ``nnls.*``
-        (method, seconds, threads, factorizations, peak_bytes, rss_peak_bytes)
+        (method, seconds, threads (0: as launched), factorizations, peak_bytes, rss_peak_bytes)
     """
     comm = get_comm(comm)
     n = int(np.asarray(rhs).size)
@@ -120,7 +122,8 @@ def _solve_here(gram, rhs, reg, tol, knobs, x0):
     if active:
         add_quadratic_terms(gram, reg)
     try:
-        with node_blas_threads(knobs.blas_threads) as threads:
+        raise_threads = knobs.blas_threads > 0 or gram.shape[0] >= NODE_THREADS_MIN_N
+        with node_blas_threads(knobs.blas_threads) if raise_threads else nullcontext(0) as threads:
             t_solve = time.perf_counter()
             solution = solve_gram(gram, rhs, method=knobs.nnls_gram_method, tol=tol, x0=x0,
                                   expect_dense=active and expects_dense(reg))
@@ -139,10 +142,10 @@ def _solve_here(gram, rhs, reg, tol, knobs, x0):
             "nnls.factorizations": solution.factorizations, "nnls.peak_bytes": peak,
             "nnls.rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             **certificate_dict(cert)}
-    _LOG.info("exact NNLS (%s, %s): N=%d, %d non-zero, %d iterations, %d factorizations, %.3g s on %d BLAS "
+    _LOG.info("exact NNLS (%s, %s): N=%d, %d non-zero, %d iterations, %d factorizations, %.3g s on %s BLAS "
               "thread(s); peak memory on rank 0 %.3g GB (G %.3g GB + factor %.3g GB; process peak RSS %.3g GB)",
               solution.method, knobs.nnls_gram_method, gram.shape[0], result.passive_size, result.iterations,
-              solution.factorizations, time.perf_counter() - t0, threads, peak / _GB, gram.nbytes / _GB,
+              solution.factorizations, time.perf_counter() - t0, threads or "the launch's", peak / _GB, gram.nbytes / _GB,
               solution.work_bytes / _GB, info["nnls.rss_peak_bytes"] / _GB)
     if not cert.ok:
         _LOG.warning("exact NNLS (%s): KKT certificate NOT MET: primal_min=%.3g dual_min=%.3g (tol %.3g) "
