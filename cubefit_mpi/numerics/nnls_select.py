@@ -13,9 +13,10 @@ Methods (``CUBEFIT_NNLS_GRAM_METHOD``):
 * ``auto`` (default) -- :func:`solve_gram` picks by N and the expected density.
 
 The rule of ``auto``, from the measurements in ``docs/performance.md`` (MILES templates,
-N = 848–20,000): Lawson–Hanson took 0.01–0.07 s on the unregularised fits (k/N ≈ 3–6 %),
-where block pivoting cycles on the numerically singular blocks (condition ≈ 4e16); on the
-regularised ones (k/N ≈ 60–80 %) block pivoting was 7× (N = 848) to 30× (N = 3,392) faster.
+N = 848–19,928, one core): Lawson–Hanson took 0.01–0.17 s on the unregularised fits (k/N ≈
+3–6 %), where block pivoting cycles on the numerically singular blocks (condition ≈ 4e16) and
+the interior-point alternative did not certify; on the regularised ones (k/N ≈ 60–80 %) block
+pivoting was 4–5× (N = 848) and 25–40× (N = 3,392) faster, and certified N = 19,928 in 3 min.
 Lawson–Hanson costs ≈ 2e-9 s · k² N on one core, block pivoting ≈ (N³ + 5 k³) / (3 F) plus
 ≈ 30 passes over G: they break even near k ≈ 0.07 N.  So:
 

@@ -4,8 +4,9 @@
 one N×N factor on rank 0; :func:`check_nnls_memory`), the quadratic terms added to G in place
 (and taken off after), the method of ``CUBEFIT_NNLS_GRAM_METHOD``
 (:func:`~cubefit_mpi.numerics.nnls_select.solve_gram`), rank 0's BLAS threads raised to the
-node's idle cores (N ≥ :data:`NODE_THREADS_MIN_N`) while the other ranks sleep in :func:`~cubefit_mpi.parallel.collectives.wait_for_root`,
-the solver-independent certificate, and a log of method, time and peak memory.
+node's idle cores (N ≥ :data:`NODE_THREADS_MIN_N`) while the other ranks sleep in
+:func:`~cubefit_mpi.parallel.collectives.wait_for_root`, the solver-independent certificate,
+and a log of method, time and peak memory.
 """
 from __future__ import annotations
 
@@ -145,8 +146,8 @@ def _solve_here(gram, rhs, reg, tol, knobs, x0):
     _LOG.info("exact NNLS (%s, %s): N=%d, %d non-zero, %d iterations, %d factorizations, %.3g s on %s BLAS "
               "thread(s); peak memory on rank 0 %.3g GB (G %.3g GB + factor %.3g GB; process peak RSS %.3g GB)",
               solution.method, knobs.nnls_gram_method, gram.shape[0], result.passive_size, result.iterations,
-              solution.factorizations, time.perf_counter() - t0, threads or "the launch's", peak / _GB, gram.nbytes / _GB,
-              solution.work_bytes / _GB, info["nnls.rss_peak_bytes"] / _GB)
+              solution.factorizations, time.perf_counter() - t0, threads or "the launch's", peak / _GB,
+              gram.nbytes / _GB, solution.work_bytes / _GB, info["nnls.rss_peak_bytes"] / _GB)
     if not cert.ok:
         _LOG.warning("exact NNLS (%s): KKT certificate NOT MET: primal_min=%.3g dual_min=%.3g (tol %.3g) "
                      "passive=%.3g complementarity=%.3g (tol %.3g); %s -- x is not certified optimal",

@@ -3,8 +3,8 @@
 Pass 0 computes b, diag(G) and yᵀWy.  Each further pass computes only the Gram columns of the
 most KKT-violating columns (scaled gradient ``g_j / √G_jj`` most negative), the working-set
 problem is solved exactly (the NNLS of ``CUBEFIT_NNLS_GRAM_METHOD`` on ``G[W, W]``, warm-started),
-and the full gradient follows from the stored columns: ``g = G[:, W] x_W − b``.  It stops on the same KKT certificate as the full
-method.  Memory per rank: ``N × |W|`` float64.
+and the full gradient follows from the stored columns: ``g = G[:, W] x_W − b``.  It stops on the
+same KKT certificate as the full method.  Memory per rank: ``N × |W|`` float64.
 """
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ def solve_working_set(inputs: SolveInputs, reg: Regularization, *, budget: int, 
         if comm.Get_rank() == 0:
             columns = np.hstack([columns, block_cols])
             g_ws = columns[working] + (reg.columns(working)[working] if reg.active else 0.0)
-            result = solve_gram(g_ws, rhs[working], method=method, tol=tol, x0=x[working], expect_dense=dense).result
+            result = solve_gram(g_ws, rhs[working], method=method, tol=tol, x0=x[working],
+                                expect_dense=dense).result
             x = np.zeros(n)
             x[working] = result.x
             full_cols = columns + (reg.columns(working) if reg.active else 0.0)
