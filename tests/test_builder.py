@@ -17,9 +17,8 @@ from cubefit_mpi.numerics.constants import SPEED_OF_LIGHT_KMS
 from cubefit_mpi.numerics.convolve import convolve_direct
 from cubefit_mpi.numerics.kernels import interpolation_matrix, losvd_amplitude, shift_to_velocity, unit_kernels
 from cubefit_mpi.stages.build import build_hypercube
-from cubefit_mpi.stages.hypercube_maintenance import (
-    convert_hypercube_norm, invalidate_tiles, recompress, recompute_col_energy
-)
+from cubefit_mpi.stages.convert_norm import convert_hypercube_norm
+from cubefit_mpi.stages.hypercube_maintenance import invalidate_tiles, recompress, recompute_col_energy
 
 SELF = MPI.COMM_SELF
 
@@ -104,6 +103,43 @@ def test_chunks_and_compression_do_not_change_bytes(small_mock, tmp_path):
         assert f["/HyperCube/models"].chunks == (7, 2, 3, 120) and f["/HyperCube/_done"].shape == (9, 1, 2)
 
 
+@pytest.mark.parametrize("method", ["gemm", "fft"])
+def test_either_fill_method_gives_the_same_bytes_at_any_chunk_shape(small_mock, tmp_path, monkeypatch, method):
+    monkeypatch.setenv("CUBEFIT_BUILD_METHOD", method)
+    paths = []
+    for i, chunks in enumerate(((8, 1, 6), (60, 2, 6), (7, 2, 3))):
+        p = tmp_path / f"{method}{i}.h5"
+        shutil.copy(small_mock, p)
+        build_hypercube(str(p), S_chunk=chunks[0], C_chunk=chunks[1], P_chunk=chunks[2], comm=SELF)
+        paths.append(p)
+        with h5py.File(p) as f:
+            assert f["/HyperCube"].attrs["build.method"] == method
+    ref = read(paths[0], "/HyperCube/models")[0]
+    for p in paths[1:]:
+        assert read(p, "/HyperCube/models")[0].tobytes() == ref.tobytes()
+
+
+def test_gemm_and_fft_agree_to_float32_and_a_resume_keeps_its_method(small_mock, tmp_path, monkeypatch):
+    a, b = tmp_path / "gemm.h5", tmp_path / "fft.h5"
+    for path, method in ((a, "gemm"), (b, "fft")):
+        shutil.copy(small_mock, path)
+        monkeypatch.setenv("CUBEFIT_BUILD_METHOD", method)
+        build_hypercube(str(path), S_chunk=8, comm=SELF)
+    ma, mb = read(a, "/HyperCube/models")[0], read(b, "/HyperCube/models")[0]
+    np.testing.assert_allclose(ma, mb, rtol=0, atol=3e-7 * np.abs(mb).max())
+    monkeypatch.setenv("CUBEFIT_BUILD_METHOD", "auto")
+    invalidate_tiles(str(b), "0:16", comm=SELF)
+    assert build_hypercube(str(b), comm=SELF)["units_built"] == 2          # resumed with fft, not gemm
+    assert read(b, "/HyperCube/models")[0].tobytes() == mb.tobytes()
+    with h5py.File(a, "r+") as f:
+        t = f["/Templates"][...]
+        t[0, t.shape[1] // 2] = -1.0
+        f["/Templates"][...] = t
+    monkeypatch.setenv("CUBEFIT_BUILD_METHOD", "gemm")
+    with pytest.raises(InputError, match="CUBEFIT_BUILD_METHOD=gemm: /Templates has negative values"):
+        build_hypercube(str(a), force=True, comm=SELF)
+
+
 def test_data_norm_and_convert_roundtrip(small_mock, tmp_path):
     model_path, data_path = tmp_path / "m.h5", tmp_path / "d.h5"
     for p, norm in ((model_path, "model"), (data_path, "data")):
@@ -170,7 +206,8 @@ def test_default_chunks_bounded():
 # bad input: clear one-line error, exit 2, file unchanged
 # --------------------------------------------------------------------------------------------
 BAD = [
-    ("missing_rt", lambda f: f.__delitem__("/R_T"), ["build"], "/R_T: dataset missing"),
+    ("templates_nan_no_rt", lambda f: (f["/Templates"].__setitem__((0, 5), np.nan), f.__delitem__("/R_T")),
+     ["build"], r"/Templates: contains NaN/Inf"),
     ("templates_nan", lambda f: f["/Templates"].__setitem__((0, 5), np.nan), ["build"],
      r"/Templates: contains NaN/Inf"),
     ("data_norm_no_data", lambda f: f.__delitem__("/DataCube"), ["build", "--norm", "data"],
@@ -194,6 +231,22 @@ def test_bad_input(small_mock, tmp_path, name, mutate, args, message):
     import re
     assert re.search(message, res.stderr), res.stderr
     assert file_bytes(path) == before
+
+
+def test_build_makes_a_missing_rebin_operator(small_mock, tmp_path):
+    ref, path = tmp_path / "ref.h5", tmp_path / "no_rt.h5"
+    shutil.copy(small_mock, ref)
+    shutil.copy(small_mock, path)
+    with h5py.File(path, "r+") as f:
+        del f["/R_T"]
+    res = run_cli("build", path, "--chunks", "8,2,6")
+    assert res.returncode == 0, res.stderr
+    assert "wrote /R_T" in res.stderr and "overlap rebinning" in res.stderr
+    assert run_cli("build", ref, "--chunks", "8,2,6").returncode == 0
+    with h5py.File(path, "r") as f, h5py.File(ref, "r") as g:
+        assert f["/R_T"].attrs["rebin.mode"] == "overlap"
+        np.testing.assert_array_equal(f["/R_T"][...], g["/R_T"][...])
+        np.testing.assert_array_equal(f["/HyperCube/models"][...], g["/HyperCube/models"][...])
 
 
 def test_zero_kernel_with_amplitude_is_an_error(tmp_path):
@@ -231,6 +284,7 @@ def test_file_locked_elsewhere(built):
         holder.wait()
 
 
+@pytest.mark.slow
 def test_disk_full_keeps_finished_tiles_and_resumes(tmp_path):
     """A real full disk (a small tmpfs): clear error, finished tiles valid, the resume completes."""
     mnt, src, ref = tmp_path / "mnt", tmp_path / "src.h5", tmp_path / "ref.h5"
@@ -266,6 +320,7 @@ def test_disk_full_keeps_finished_tiles_and_resumes(tmp_path):
                                rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_sigkill_of_mpiexec_build_then_resume(tmp_path):
     """A real SIGKILL of a running `mpiexec -n 2` build; the resumed build equals an uninterrupted one."""
     path, ref = tmp_path / "k.h5", tmp_path / "ref.h5"

@@ -123,6 +123,17 @@ def test_inactive_trackers_do_nothing(main_file):
     assert find_sidecars(main_file) == []
 
 
+def test_a_lazy_tracker_makes_its_sidecar_at_the_first_message_only(main_file, monkeypatch):
+    _env(monkeypatch, FITTRACKER_START="thread")
+    with FitTracker(main_file, comm=SELF, method="kaczmarz", lazy=True) as unused:
+        assert unused.path is None and not unused.active
+    assert find_sidecars(main_file) == []
+    with FitTracker(main_file, comm=SELF, method="kaczmarz", lazy=True) as tracker:
+        tracker.progress(1, 2, 4)
+        assert tracker.active and tracker.path == find_sidecars(main_file)[0]
+    assert read_progress(tracker.path)["tiles_done"] == 2
+
+
 def test_exception_closes_as_failed_and_wrong_length_is_refused(main_file, monkeypatch):
     _env(monkeypatch, FITTRACKER_START="thread")
     with pytest.raises(RuntimeError, match="boom"):

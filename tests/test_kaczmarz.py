@@ -388,7 +388,7 @@ def test_read_ahead_changes_nothing_but_timing(noisy):
 
 
 def test_energies_recomputed_when_over_the_cache_budget(noisy, monkeypatch):
-    import cubefit_mpi.solvers.kaczmarz.solver as kz
+    import cubefit_mpi.solvers.kaczmarz.tiles as kz
 
     x_cached, st_cached = run(noisy, epochs=2)
     monkeypatch.setattr(kz, "ENERGY_CACHE_BYTES", 0)             # every visit recomputes them

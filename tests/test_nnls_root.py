@@ -117,6 +117,31 @@ def test_knob_through_solve_exact(tmp_path, monkeypatch, method):
         assert f["/Solve"].attrs["nnls.method"] == stats["nnls.method"]
 
 
+def test_knob_governs_the_bootstrap_replicates(tmp_path, monkeypatch):
+    """solve --bootstrap's replicates go through exact_nnls: the knob picks their method, same rows."""
+    import shutil
+
+    from cubefit_mpi.solvers import root_nnls
+    from cubefit_mpi.solvers.uncertainty import REPLICATES, bootstrap_uncertainty
+
+    path = make_case(tmp_path)
+    solve_exact(str(path), regul=10.0, comm=SELF)
+    other = tmp_path / "other.h5"
+    shutil.copy(path, other)
+    real, seen = root_nnls.solve_gram, []
+    monkeypatch.setattr(root_nnls, "solve_gram", lambda *a, **k: seen.append(k["method"]) or real(*a, **k))
+    rows = {}
+    for method, name in (("lawson-hanson", path), ("block-pivoting", other)):
+        monkeypatch.setenv("CUBEFIT_NNLS_GRAM_METHOD", method)
+        seen.clear()
+        assert bootstrap_uncertainty(str(name), replicates=3, seed=4, batch=3, comm=SELF)["computed"] == 3
+        assert seen == [method] * 3
+        with h5py.File(name) as f:
+            rows[method] = f[REPLICATES][...]
+    scale = rows["lawson-hanson"].max()
+    np.testing.assert_allclose(rows["block-pivoting"], rows["lawson-hanson"], rtol=1e-5, atol=1e-6 * scale)
+
+
 def test_node_blas_threads(monkeypatch):
     from threadpoolctl import threadpool_info
 

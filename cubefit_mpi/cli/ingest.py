@@ -28,11 +28,24 @@ def register(sub) -> None:
     p.add_argument("--flux-density", choices=("angstrom", "lnlambda"),
                    help="spectra per Å (default) or per unit ln λ")
     p.add_argument("--rows-per-read", type=int, metavar="N", help="cube rows per slice (default: 256 MiB budget)")
+    p.add_argument("--data-fwhm", type=_number_or_path, metavar="A|FILE",
+                   help="the data's resolution: FWHM in Å, or a two-column text file (λ, FWHM in Å); "
+                   "the templates are broadened to it (default: no matching)")
+    p.add_argument("--template-fwhm", type=_number_or_path, metavar="A|FILE",
+                   help="the templates' resolution, FWHM in Å or a file as for --data-fwhm (MILES: 2.51)")
     p.set_defaults(handler=cmd_ingest)
 
     p = sub.add_parser("init-config", help="print a commented pipeline configuration (YAML) with every option")
     p.add_argument("-o", "--output", metavar="YAML", help="write to this file instead of stdout")
     p.set_defaults(handler=cmd_init_config)
+
+
+def _number_or_path(text: str):
+    """``--data-fwhm`` / ``--template-fwhm``: a number (float) or a file name (kept as given)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def ingest_options(args):
@@ -46,7 +59,7 @@ def ingest_options(args):
     else:
         section = {key: opt.default for key, opt in SCHEMA["ingest"].items()}
     for key in ("cube", "bins", "templates", "losvd", "velscale", "oversample", "bin_combine",
-                "flux_density", "rows_per_read"):
+                "flux_density", "rows_per_read", "data_fwhm", "template_fwhm"):
         value = getattr(args, key)
         if value is not None:
             section[key] = value

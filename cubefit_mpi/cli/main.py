@@ -12,8 +12,9 @@ import os
 import sys
 from typing import Callable
 
-from ..config.errors import InputError, WriteFailure
+from ..config.errors import ConsistencyError, InputError, WriteFailure
 from ..config.version import VERSION as __version__
+from ..numerics.synthetic_galaxy import DEFAULT_POPULATIONS, TEMPLATE_SOURCES
 from ..parallel.launcher import launcher_rank
 
 _LOG = logging.getLogger("cubefit_mpi")
@@ -51,11 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="MPI library, ranks, h5py MPI build, HDF5 and pyFFTW versions (no MPI start)")
 
-    p = sub.add_parser("mock", help="write a synthetic galaxy with known truth")
+    p = sub.add_parser("mock", help="write a galaxy with known truth (synthetic or shipped MILES templates)")
     p.add_argument("file", help="output HDF5 file (overwritten)")
+    p.add_argument("--templates", choices=TEMPLATE_SOURCES, default="synthetic",
+                   help="synthetic SSP-like templates (default), or the MILES SSP subset shipped with the "
+                   "package (53 ages x 4 [M/H], 4750-5450 A: at most 619 wavelengths)")
     p.add_argument("--spaxels", type=int, default=400, help="S (default 400)")
     p.add_argument("--components", type=int, default=3, help="C (default 3)")
-    p.add_argument("--populations", type=int, default=24, help="P (default 24)")
+    p.add_argument("--populations", type=int, default=None,
+                   help=f"P (default {DEFAULT_POPULATIONS}; with --templates miles all 212 of the library)")
     p.add_argument("--wavelengths", type=int, default=600, help="L (default 600)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", type=float, default=None, metavar="SNR",
@@ -76,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # stage modules that add sub-commands: each has register(sub), setting handler=fn(args, comm) -> int
-CLI_MODULES = ("ingest", "build", "weights", "watch", "solve", "recon", "pipeline", "scaling")
+CLI_MODULES = ("ingest", "build", "weights", "watch", "solve", "uncertainty", "recon", "pipeline", "scaling", "velocity_bias",
+               "preflight")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,15 +120,16 @@ def cmd_info(args, comm) -> int:
 @command("mock")
 def cmd_mock(args, comm) -> int:
     from ..numerics.synthetic_galaxy import MockSpec
-    from ..stages.mock import make_mock
+    from ..stages.mock import default_populations, make_mock
 
+    populations = args.populations if args.populations is not None else default_populations(args.templates)
     try:
-        spec = MockSpec(spaxels=args.spaxels, components=args.components, populations=args.populations,
+        spec = MockSpec(spaxels=args.spaxels, components=args.components, populations=populations,
                         wavelengths=args.wavelengths, seed=args.seed, snr=args.noise,
-                        masked_pixels=args.masked_pixels)
+                        masked_pixels=args.masked_pixels, templates=args.templates)
+        out = make_mock(args.file, spec, comm)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    out = make_mock(args.file, spec, comm)
     if comm.Get_rank() == 0:
         d = out["dims"]
         print(f"wrote {args.file}: S={d.S} C={d.C} P={d.P} L={d.L} T={d.T} V={d.V} "
@@ -173,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "info":
         return cmd_info(args, None)
-    from ..config.knobs import get_knobs
+    from ..config.knobs import get_knobs, warn_predecessor_knobs
     from ..parallel.comm import get_comm, install_abort_excepthook
     from ..parallel.output import setup_logging
     from ..parallel.threads import limit_blas_threads
@@ -187,9 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         limit_blas_threads(comm, knobs.blas_threads)
         if rank == 0 and knobs.differing_from_defaults():
             _LOG.info("knobs: %s", knobs.differing_from_defaults())
+        if rank == 0:
+            warn_predecessor_knobs(logging.getLogger("cubefit_mpi.knobs"))
         handler = getattr(args, "handler", None) or COMMANDS[args.command]
         return handler(args, comm)
-    except InputError as exc:
+    except (InputError, ConsistencyError) as exc:
         if rank == 0:
             sys.stderr.write(f"cubefit_mpi {args.command}: error: {exc}\n")
             sys.stderr.flush()

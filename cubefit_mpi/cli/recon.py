@@ -9,16 +9,21 @@ from __future__ import annotations
 import os
 
 from ..io.layout import X_GLOBAL
+from .solve import add_operator_options, operator_options
 
-# same value as cubefit_mpi.stages.recon.RECON_DEFAULT (not imported here, so --help stays light)
-RECON_DEFAULT = "/ReconCube"
 
 
 def register(sub) -> None:
     """Add the ``recon`` and ``plot`` sub-parsers to ``sub`` (an argparse sub-parsers object).
 
-    Each parser gets ``handler=fn`` with ``fn(args, comm) -> int``.
+    Each parser gets ``handler=fn`` with ``fn(args, comm) -> int``; defaults are those of
+    :func:`~cubefit_mpi.stages.recon.reconstruct` and :func:`~cubefit_mpi.stages.plots.make_plots`.
     """
+    from ..config.options import default_of
+    from ..stages.plots import make_plots
+    from ..stages.recon import reconstruct
+
+    RECON_DEFAULT = default_of(reconstruct, "out")
     p = sub.add_parser("recon", help="reconstruct the model cube A·x and per-spaxel chi2/rmse "
                                      "(writes /ReconCube, /ReconCube_chi2, /ReconCube_rmse)")
     p.add_argument("file")
@@ -29,6 +34,7 @@ def register(sub) -> None:
                    help=f"weights (C*P,) to use (default {X_GLOBAL})")
     p.add_argument("--s-tile", type=int, default=None, metavar="N",
                    help="spaxels per tile (rounded up to whole chunks; default: one chunk)")
+    add_operator_options(p)
     p.set_defaults(handler=cmd_recon)
 
     p = sub.add_parser("plot", help="diagnostic PNGs: best/worst spectra, population weights, "
@@ -36,12 +42,13 @@ def register(sub) -> None:
     p.add_argument("file")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default: FILE without .h5, plus _plots)")
-    p.add_argument("--n", type=int, default=3, metavar="N", help="N best and N worst spaxels (default 3)")
+    p.add_argument("--n", type=int, default=default_of(make_plots, "n_spaxels"), metavar="N",
+                   help="N best and N worst spaxels (default %(default)s)")
     p.add_argument("--recon", default=RECON_DEFAULT, metavar="DATASET",
                    help=f"reconstruction to read (default {RECON_DEFAULT})")
     p.add_argument("--x", dest="x_dataset", default=X_GLOBAL, metavar="DATASET",
                    help=f"weights (default {X_GLOBAL})")
-    p.add_argument("--rank-by", choices=("rmse", "chi2"), default="rmse",
+    p.add_argument("--rank-by", choices=("rmse", "chi2"), default=default_of(make_plots, "rank_by"),
                    help="statistic ordering best and worst (default rmse)")
     p.set_defaults(handler=cmd_plot)
 
@@ -56,7 +63,8 @@ def cmd_recon(args, comm) -> int:
     """Handler of ``recon``.  Collective over comm."""
     from ..stages.recon import reconstruct
 
-    result = reconstruct(args.file, out=args.out, x_dataset=args.x_dataset, s_tile=args.s_tile, comm=comm)
+    result = reconstruct(args.file, out=args.out, x_dataset=args.x_dataset, s_tile=args.s_tile, comm=comm,
+                         **operator_options(args))
     if comm.Get_rank() == 0:
         n_s, n_l = result["shape"]
         print(f"wrote {result['out']} ({n_s}x{n_l}), {result['chi2']}, {result['rmse']} of {args.file} "

@@ -6,7 +6,8 @@ parser's ``handler(args, comm) -> int`` runs the command.
 from __future__ import annotations
 
 from ..config.errors import InputError
-from ..numerics.lambda_weights import DEFAULT_LARGE, DEFAULT_MIN_W, DEFAULT_SMALL
+from ..config.options import default_of
+from ..stages.weights import ensure_lambda_weights
 
 
 def register(sub) -> None:
@@ -14,12 +15,12 @@ def register(sub) -> None:
     p = sub.add_parser("weights", help="build the lambda-weights (median spectrum, boxcar DoG) and "
                        "print their min/max/mean")
     p.add_argument("file", help="cube file with /DataCube (and optionally /Mask)")
-    p.add_argument("--small", type=int, default=DEFAULT_SMALL, metavar="N",
-                   help=f"small boxcar window in pixels, odd (default {DEFAULT_SMALL})")
-    p.add_argument("--large", type=int, default=DEFAULT_LARGE, metavar="N",
-                   help=f"large boxcar window in pixels, odd (default {DEFAULT_LARGE})")
-    p.add_argument("--min-w", type=float, default=None, metavar="X",
-                   help=f"weight of featureless continuum, 0 < X <= 1 (default {DEFAULT_MIN_W})")
+    p.add_argument("--small", type=int, default=default_of(ensure_lambda_weights, "small"), metavar="N",
+                   help="small boxcar window in pixels, odd (default %(default)s)")
+    p.add_argument("--large", type=int, default=default_of(ensure_lambda_weights, "large"), metavar="N",
+                   help="large boxcar window in pixels, odd (default %(default)s)")
+    p.add_argument("--min-w", type=float, default=default_of(ensure_lambda_weights, "min_w"), metavar="X",
+                   help="weight of featureless continuum, 0 < X <= 1 (default %(default)s)")
     p.add_argument("--force", action="store_true", help="rebuild even if weights with these parameters exist")
     p.set_defaults(handler=cmd_weights)
 
@@ -30,7 +31,6 @@ def cmd_weights(args, comm) -> int:
     from ..io import layout as lay
     from ..io.h5file import open_h5
     from ..numerics.lambda_weights import weights_banner
-    from ..stages.weights import ensure_lambda_weights
 
     weights = ensure_lambda_weights(args.file, small=args.small, large=args.large, min_w=args.min_w,
                                     force=args.force, comm=comm)

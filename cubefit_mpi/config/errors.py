@@ -17,6 +17,13 @@ class KnobError(InputError):
     """A ``CUBEFIT_*`` environment variable is unknown or does not parse."""
 
 
+class ConsistencyError(RuntimeError):
+    """A result failed its own independent check (e.g. χ² recomputed from the data disagrees with
+    the normal equations): one line naming both values, exit code 1, nothing wrong written."""
+
+    exit_code = 1
+
+
 class WriteFailure(RuntimeError):
     """Writing a file failed (disk full, quota, I/O error): exit code 1, with what is still valid.
 

@@ -300,3 +300,51 @@ def file_provenance(role: str, path: str) -> dict:
     return entry
 
 
+
+
+def read_fwhm(value, option: str):
+    """A resolution option: a FWHM in Å, or a two-column text file of λ (Å) and FWHM (Å).  Local.
+
+    ``value`` is a number (or a string holding one) or the path of a text file (whitespace- or
+    comma-separated columns, ``#`` comments; instrument LSF tables come like this).  Returns
+    the number as ``float`` or the table as ``(lam (m,), fwhm (m,))`` float64 with ``lam``
+    strictly increasing.  Errors name ``option``.
+    """
+    what = f"{option} {value}"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is not None:
+        if not (np.isfinite(number) and number > 0):
+            raise InputError(f"{what}: expected a positive FWHM in Angstrom or a two-column file (lambda, FWHM)")
+        return number
+    path = os.fspath(value)
+    if not os.path.isfile(path):
+        raise InputError(f"{what}: neither a number nor an existing file (expected a FWHM in Angstrom or "
+                         f"a two-column text file of lambda, FWHM)")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{what}: not a readable text file ({exc})") from None
+    table = []
+    for lineno, line in enumerate(lines, 1):
+        fields = line.split("#", 1)[0].replace(",", " ").split()
+        if not fields:
+            continue
+        try:
+            if len(fields) != 2:
+                raise ValueError
+            table.append([float(v) for v in fields])
+        except ValueError:
+            raise InputError(f"{what}: line {lineno}: expected two numbers (lambda in Angstrom, FWHM in "
+                             f"Angstrom), got {line.strip()!r}") from None
+    table = np.array(table, dtype=np.float64).reshape(-1, 2)
+    if table.shape[0] < 2:
+        raise InputError(f"{what}: expected at least 2 rows (lambda in Angstrom, FWHM in Angstrom), "
+                         f"got {table.shape[0]}")
+    lam, fwhm = table[:, 0], table[:, 1]
+    if not np.all(np.isfinite(table)) or np.any(np.diff(lam) <= 0) or lam[0] <= 0 or np.any(fwhm <= 0):
+        raise InputError(f"{what}: expected strictly increasing positive wavelengths and positive FWHM")
+    return lam, fwhm

@@ -1,6 +1,7 @@
 """``H5Manager``: create and populate the spec's HDF5 backbone and its rebin operator ``/R_T``."""
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -10,8 +11,11 @@ from ..numerics.rebin import REBIN_MODES, rebin_operator
 from ..parallel.comm import get_comm
 from . import layout as lay
 from .blocks import write_owned_rows
+from .datasets import replace_dataset
 from .h5file import open_h5
 from .layout import H5Dims
+
+_LOG = logging.getLogger("cubefit_mpi.io")
 
 
 class H5Manager:
@@ -127,29 +131,37 @@ class H5Manager:
             if pop_shape is not None:
                 f[lay.TEMPLATES].attrs["pop_shape"] = np.asarray(pop_shape, dtype=np.int64)
 
-    def ensure_rebin_and_resample(self, mode: str = "overlap", force: bool = False) -> None:
+    def ensure_rebin_and_resample(self, mode: str = "overlap", force: bool = False, *,
+                                  create_only: bool = False) -> bool:
         """Write ``/R_T (T, L)`` from ``/TemPix`` and ``/ObsPix`` and validate the grids.  Collective.
 
         ``mode="overlap"`` is the exact-overlap, flux-conserving operator; ``"interp"`` the
         two-tap interpolation of the predecessor.  An existing ``/R_T`` of the same mode is kept
-        unless ``force``.
+        unless ``force``; with ``create_only`` any existing ``/R_T`` is kept (also one made by
+        another tool).  Returns True when ``/R_T`` was written.
         """
         from .validation import check_grids
 
         if mode not in REBIN_MODES:
             raise InputError(f"rebin mode {mode!r}: expected one of {', '.join(REBIN_MODES)}")
-        with open_h5(self.path, "r+", self.comm) as f:
+        with open_h5(self.path, "r", self.comm) as f:
+            if lay.R_T in f and create_only:
+                return False
+            for name in (lay.TEM_PIX, lay.OBS_PIX):
+                if name not in f:
+                    raise InputError(f"{name}: dataset missing from {self.path}; needed to make {lay.R_T}")
             tem = np.asarray(f[lay.TEM_PIX][...])
             obs = np.asarray(f[lay.OBS_PIX][...])
-            vel = np.asarray(f[lay.VEL_PIX][...]) if lay.VEL_PIX in f else None
-            check_grids(tem, obs, vel)
             if lay.R_T in f and not force and f[lay.R_T].attrs.get("rebin.mode") == mode \
                     and f[lay.R_T].shape == (tem.size, obs.size):
-                return
-            dense = rebin_operator(tem, obs, mode).toarray()
-            if lay.R_T in f:
-                del f[lay.R_T]
-            dset = f.create_dataset(lay.R_T, shape=dense.shape, dtype="f8")
+                return False
+            vel = np.asarray(f[lay.VEL_PIX][...]) if lay.VEL_PIX in f else None
+        check_grids(tem, obs, vel)
+        dense = rebin_operator(tem, obs, mode).toarray()
+        with open_h5(self.path, "r+", self.comm) as f:
+            dset = replace_dataset(f, lay.R_T, dense.shape, "f8")
             write_owned_rows(dset, dense, self.comm)
             dset.attrs["rebin.mode"] = mode
             dset.attrs["orientation"] = "(T, L): observed = templates @ R_T"
+        _LOG.info("%s: wrote %s (%d x %d, %s rebinning)", self.path, lay.R_T, dense.shape[0], dense.shape[1], mode)
+        return True

@@ -7,7 +7,12 @@ A realistic small IFU problem:
 * SSP-like templates on an (age × metallicity) grid: a continuum whose slope changes with age,
   Balmer lines that weaken with age, metal lines (Mg b, Fe, Na D, ...) that strengthen with age
   and metallicity, and a fixed forest of weak lines -- so neighbouring templates are strongly
-  correlated, as in real libraries;
+  correlated, as in real libraries (``templates="synthetic"``, the default: exact control for
+  tests);
+* or a real library (``templates="miles"``: the stage passes the spectra on their own grid,
+  :func:`library_on_grid` log-rebins them by exact overlap, per Å, and divides each by its mean
+  over the template grid, so the weights are light weights of unit-mean templates, as for the
+  synthetic ones);
 * a 2-D spaxel grid and components with distinct kinematics (a rotating disc, a
   counter-rotating disc, a hot bulge, then variations), Gauss–Hermite LOSVDs histogrammed on
   ``VelPix`` with spatially varying amplitudes;
@@ -32,6 +37,8 @@ import scipy.sparse as sp
 from .constants import SPEED_OF_LIGHT_KMS
 from .convolve import convolve_direct
 from .kernels import interpolation_matrix, losvd_amplitude, unit_kernels
+from .rebin import overlap_rebin
+from .wavelength_grids import edges_from_centres, pixel_edges
 
 # rest-frame air wavelengths (Å) of the strong features; (name, λ, family)
 STRONG_LINES = (
@@ -43,6 +50,8 @@ STRONG_LINES = (
     ("NaD5896", 5895.92, "metal"), ("Ca6162", 6162.2, "metal"), ("Ca6495", 6494.9, "metal"),
 )
 LIBRARY_SEED = 20240521        # the weak-line forest is a fixed "library", the same for all seeds
+TEMPLATE_SOURCES = ("synthetic", "miles")
+DEFAULT_POPULATIONS = 24       # synthetic templates; a library gives its own number
 
 
 @dataclass(frozen=True)
@@ -61,8 +70,11 @@ class MockSpec:
     lam0: float = 4800.0            # Å, first observed pixel centre
     vmax: float = 800.0             # km/s, half-width of VelPix
     dv: float = 40.0                # km/s, VelPix spacing
+    templates: str = "synthetic"    # "synthetic" (make_templates) or a shipped library ("miles")
 
     def __post_init__(self):
+        if self.templates not in TEMPLATE_SOURCES:
+            raise ValueError(f"--templates {self.templates!r}: expected one of {', '.join(TEMPLATE_SOURCES)}")
         for name in ("spaxels", "components", "populations", "wavelengths"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name}: expected a positive integer, got {getattr(self, name)}")
@@ -138,6 +150,43 @@ def make_templates(tem_pix: np.ndarray, n_pop: int) -> tuple[np.ndarray, dict]:
     templates = continuum * np.exp(log_absorb)
     templates /= templates.mean(axis=1, keepdims=True)
     return templates, {"pop_shape": (n_age, n_met), "log_age": log_age, "metallicity": metal}
+
+
+def library_on_grid(tem_pix: np.ndarray, lam: np.ndarray, flux: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A template library log-rebinned onto the template grid, each template of unit mean.  Local.
+
+    Parameters
+    ----------
+    tem_pix : (T,) float64
+        ln λ of the template grid (uniform).
+    lam : (T0,) float64
+        Pixel-centre wavelengths (Å) of the library.
+    flux : (P, T0) float
+        Flux densities per Å.
+
+    Returns
+    -------
+    templates : (P, T) float64
+        Exact-overlap rebin per Å (:func:`~cubefit_mpi.numerics.rebin.overlap_rebin`,
+        ``measure="lambda"``, as ``ingest`` does), divided by ``norm``.
+    norm : (P,) float64
+        Each rebinned template's mean over the grid, in the library's units: ``x / norm`` turns
+        light weights into the library's weights (mass for MILES).
+
+    Raises
+    ------
+    ValueError
+        When the template grid reaches outside the library.
+    """
+    in_edges, _ = edges_from_centres(lam)
+    out_edges = pixel_edges(np.asarray(tem_pix, dtype=np.float64))
+    have, need = np.exp(in_edges[[0, -1]]), np.exp(out_edges[[0, -1]])
+    if need[0] < have[0] or need[1] > have[1]:
+        raise ValueError(f"the template grid {need[0]:.1f}-{need[1]:.1f} A (the observed range plus the velocity "
+                         f"guard) reaches outside the library's {have[0]:.1f}-{have[1]:.1f} A")
+    rebinned = overlap_rebin(in_edges, out_edges, measure="lambda").apply(np.asarray(flux, dtype=np.float64))
+    norm = rebinned.mean(axis=1)
+    return rebinned / norm[:, None], norm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,10 +311,30 @@ class MockModel:
     shifts: np.ndarray           # (K,)
 
     @classmethod
-    def create(cls, spec: MockSpec, rebin_op: sp.spmatrix) -> "MockModel":
-        """``rebin_op`` is the ``(T, L)`` operator for the grids of :func:`make_grids`."""
+    def create(cls, spec: MockSpec, rebin_op: sp.spmatrix, library: tuple | None = None) -> "MockModel":
+        """``rebin_op`` is the ``(T, L)`` operator for the grids of :func:`make_grids`.
+
+        ``library``: with ``spec.templates`` other than ``"synthetic"``, ``(lam (T0,) Å,
+        flux (P, T0) per Å, pop_info)`` on the library's own grid, ``pop_info`` with
+        ``pop_shape``, ``log_age (P,)``, ``metallicity (P,)``; ``pop_info["norm"] (P,)`` is added
+        (see :func:`library_on_grid`).
+        """
         obs_pix, tem_pix, vel_pix = make_grids(spec)
-        templates, pop_info = make_templates(tem_pix, spec.populations)
+        if spec.templates == "synthetic":
+            templates, pop_info = make_templates(tem_pix, spec.populations)
+        else:
+            if library is None:
+                raise ValueError(f"--templates {spec.templates}: the library's spectra are needed")
+            lam, flux, pop_info = library
+            if spec.populations != flux.shape[0]:
+                raise ValueError(f"--populations {spec.populations}: the {spec.templates} library has "
+                                 f"{flux.shape[0]} populations (pop_shape {tuple(pop_info['pop_shape'])}); "
+                                 f"leave --populations out to use them all")
+            try:
+                templates, norm = library_on_grid(tem_pix, lam, flux)
+            except ValueError as exc:
+                raise ValueError(f"--wavelengths {spec.wavelengths}: {exc}; use fewer wavelengths") from None
+            pop_info = {**pop_info, "norm": norm}
         interp, shifts = interpolation_matrix(vel_pix, tem_pix[1] - tem_pix[0])
         return cls(spec, obs_pix, tem_pix, vel_pix, templates, pop_info,
                    component_params(spec.components, spec.seed),

@@ -21,9 +21,8 @@ import math
 from dataclasses import dataclass, field
 
 from ..numerics.nnls_select import AUTO_LH_FRACTION, AUTO_MIN_N
+from ..solvers.limits import gram_budget_for, gram_reduce_row_blocks, working_set_block
 
-GRAM_BUDGET_FRACTION = 0.4          # solvers.exact.gram_budget_bytes: 40 % of node memory / ranks on node
-MAX_MSG_ELEMENTS = 2**27            # parallel.MAX_MSG_ELEMENTS: the Gram reduction's row-block size
 NNLS_BLAS3_EFFICIENCY = 0.6         # blocked Cholesky on all of a node's cores: this share of cores x F (assumed)
 LH_ITERATIONS_PER_K = 2.0           # Lawson–Hanson iterations per final non-zero weight, sparse fits (measured)
 PIVOT_STREAMS = 2.0                 # passes over G per block-pivoting iteration (gradient, refinement; 1.8 measured)
@@ -53,21 +52,12 @@ def next_fast_len(n: int) -> int:
         m += 1
 
 
-def ws_block(n_params: int) -> int:
-    """Columns added per working-set pass (as :func:`solvers.working_set.solve_working_set`).  Local."""
-    return int(max(8, min(n_params // 20 + 1, 256)))
-
-
 def gram_reduce_elements(n_params: int) -> int:
-    """Elements reduced to rank 0 for G (row blocks of the upper triangle, ≤ 2**27 each).  Local."""
+    """Elements reduced to rank 0 for G (the solver's row blocks of the upper triangle).  Local."""
     n = int(n_params)
-    rows = max(1, MAX_MSG_ELEMENTS // max(n, 1))
-    return sum((min(n, i0 + rows) - i0) * (n - i0) for i0 in range(0, n, rows))
+    return sum((i1 - i0) * (n - i0) for i0, i1 in gram_reduce_row_blocks(n))
 
 
-# ---------------------------------------------------------------------------------------------
-# what is computed, and on what
-# ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Problem:
     """Sizes of one fit.
@@ -211,7 +201,7 @@ class Machine:
         """Bytes one rank may spend on the N×N Gram matrix, as the solver decides.  Local."""
         if self.gram_max_bytes > 0:
             return self.gram_max_bytes
-        return GRAM_BUDGET_FRACTION * self.node_memory / max(int(ranks_per_node), 1)
+        return gram_budget_for(self.node_memory, ranks_per_node)
 
 
 @dataclass(frozen=True)
@@ -451,7 +441,7 @@ def predict_solve(problem: Problem, machine: Machine, layout: Layout, method: st
         serial = nnls_seconds(machine, n, k, "auto")
         passes = 1
     elif method == "working-set":
-        block = ws_block(n)
+        block = working_set_block(n)
         budget = machine.gram_budget(layout.ranks_per_node)
         max_cols = int(budget // (BYTES_F64 * n))
         col_passes = -(-k // block)

@@ -17,12 +17,20 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from ..config.errors import InputError, KnobError
-from ..config.options import parse_ranges
+from ..config.options import default_of, parse_ranges
+from ..solvers.exact import solve_exact
+from ..solvers.kaczmarz.solver import solve_kaczmarz
+from ..stages.build import build_hypercube
+from ..stages.plots import make_plots
+from ..stages.recon import reconstruct
+from ..stages.weights import ensure_lambda_weights
+from .runner import PipelineRunner
 
 STEPS = ("ingest", "build", "weights", "solve", "recon", "plots")
 
@@ -32,8 +40,9 @@ class Option:
     """One configuration key.
 
     ``kind``: ``int``, ``float``, ``bool``, ``str``, ``path``, ``ranges`` (wavelength ranges in
-    Å), ``floats`` (list of numbers) or ``steps``.  ``example`` is what ``init-config`` writes
-    when it differs from the default (e.g. a placeholder file name).
+    Å), ``floats`` (list of numbers), ``steps`` or ``fwhm`` (a positive number, or a path).
+    ``example`` is what ``init-config`` writes when it differs from the default (e.g. a
+    placeholder file name).
     """
 
     default: Any
@@ -78,13 +87,19 @@ SCHEMA: dict[str, dict[str, Option]] = {
                            choices=("angstrom", "lnlambda")),
         "rows_per_read": _O(0, "cube rows (NAXIS2) read per slice; 0 = from a 256 MiB budget. The "
                             "result does not depend on it", "int", minimum=0),
+        "data_fwhm": _O(None, "the data's spectral resolution: FWHM in Å, or a two-column text file "
+                        "(λ, FWHM in Å) as instrument LSF tables come; the templates are broadened to it "
+                        "(Gaussian, flux-conserving) before log-rebinning; null = no matching", "fwhm",
+                        nullable=True),
+        "template_fwhm": _O(None, "the templates' FWHM in Å (MILES: 2.51) or a file as for data_fwhm; "
+                            "required with data_fwhm", "fwhm", nullable=True),
     },
     "build": {
-        "norm_mode": _O("model", "hypercube normalisation: model (LOSVD amplitude) or data (per-spaxel "
+        "norm_mode": _O(default_of(build_hypercube, "norm_mode"), "hypercube normalisation: model (LOSVD amplitude) or data (per-spaxel "
                         "data flux split by LOSVD amplitude)", "str", choices=("model", "data")),
-        "amp_mode": _O("sum", "LOSVD amplitude: sum over VelPix or trapezoidal integral", "str",
+        "amp_mode": _O(default_of(build_hypercube, "amp_mode"), "LOSVD amplitude: sum over VelPix or trapezoidal integral", "str",
                        choices=("sum", "trapz")),
-        "rebin_mode": _O("overlap", "/R_T: exact-overlap flux-conserving, or two-tap interpolation "
+        "rebin_mode": _O(default_of(build_hypercube, "rebin_mode"), "/R_T: exact-overlap flux-conserving, or two-tap interpolation "
                          "(the predecessor's)", "str", choices=("overlap", "interp")),
         "s_chunk": _O(0, "spaxels per chunk of /HyperCube/models (0 = automatic)", "int", minimum=0),
         "c_chunk": _O(0, "components per chunk (0 = automatic)", "int", minimum=0),
@@ -94,34 +109,35 @@ SCHEMA: dict[str, dict[str, Option]] = {
     },
     "weights": {
         "enable": _O(True, "write /HyperCube/lambda_weights (median spectrum, difference of boxcars)", "bool"),
-        "small": _O(5, "small boxcar width of the difference of Gaussians, observed pixels", "int", minimum=1),
-        "large": _O(61, "large boxcar width, observed pixels", "int", minimum=2),
-        "min_w": _O(0.1, "weight of featureless continuum (weights are mapped to [min_w, 1])", "float",
+        "small": _O(default_of(ensure_lambda_weights, "small"), "small boxcar width of the difference of Gaussians, observed pixels", "int", minimum=1),
+        "large": _O(default_of(ensure_lambda_weights, "large"), "large boxcar width, observed pixels", "int", minimum=2),
+        "min_w": _O(default_of(ensure_lambda_weights, "min_w"), "weight of featureless continuum (weights are mapped to [min_w, 1])", "float",
                     minimum=0.0, maximum=1.0),
     },
     "solve": {
-        "method": _O("exact", "exact (Gram matrix + NNLS to a KKT certificate) or kaczmarz (the "
+        "method": _O(default_of(PipelineRunner.solve, "method"), "exact (Gram matrix + NNLS to a KKT certificate) or kaczmarz (the "
                      "spec's iterative solver)", "str", choices=("exact", "kaczmarz")),
-        "ridge": _O(0.0, "ridge rho (adds rho/2 ||x||^2)", "float", minimum=0.0),
-        "regul": _O(0.0, "smoothness strength over the population grid (pop_shape)", "float", minimum=0.0),
-        "regul_order": _O(2, "1 or 2: first or second differences", "int", minimum=1, maximum=2),
+        "ridge": _O(default_of(solve_exact, "ridge"), "ridge rho (adds rho/2 ||x||^2); null = CUBEFIT_NNLS_L2",
+                    "float", minimum=0.0, nullable=True),
+        "regul": _O(default_of(solve_exact, "regul"), "smoothness strength over the population grid (pop_shape)", "float", minimum=0.0),
+        "regul_order": _O(default_of(solve_exact, "regul_order"), "1 or 2: first or second differences", "int", minimum=1, maximum=2),
         "orbit_weights": _O(None, "optional (C,) target fractions of the component totals", "floats",
                             nullable=True),
-        "orbit_strength": _O(0.0, "strength of the orbit-weight term", "float", minimum=0.0),
-        "use_weights": _O(True, "weight pixels by /HyperCube/lambda_weights", "bool"),
-        "epochs": _O(6, "Kaczmarz epochs", "int", minimum=1),
-        "lr": _O(0.6, "Kaczmarz base learning rate", "float", minimum=0.0),
-        "warm_start": _O("zeros", "Kaczmarz start: zeros, exact, resume or jacobi", "str",
+        "orbit_strength": _O(default_of(solve_kaczmarz, "orbit_strength"), "strength of the orbit-weight term: the penalty's mu (exact; required with orbit_weights) or the fraction of the way to the targets per tile (kaczmarz; null = 0.1)", "float", minimum=0.0, nullable=True),
+        "use_weights": _O(default_of(solve_exact, "use_weights"), "weight pixels by /HyperCube/lambda_weights", "bool"),
+        "epochs": _O(default_of(solve_kaczmarz, "epochs"), "Kaczmarz epochs", "int", minimum=1),
+        "lr": _O(default_of(solve_kaczmarz, "lr"), "Kaczmarz base learning rate", "float", minimum=0.0),
+        "warm_start": _O(default_of(solve_kaczmarz, "warm_start"), "Kaczmarz start: zeros, exact, resume or jacobi", "str",
                          choices=("zeros", "exact", "resume", "jacobi")),
     },
     "recon": {
         "enable": _O(True, "reconstruct the model A·x with per-spaxel chi2 and rmse", "bool"),
-        "dataset": _O("/ReconCube", "dataset the reconstruction is written to", "str"),
+        "dataset": _O(default_of(reconstruct, "out"), "dataset the reconstruction is written to", "str"),
     },
     "plots": {
         "enable": _O(True, "PNGs: best/worst spectra, population weights, totals, convergence, rmse map", "bool"),
         "outdir": _O("plots", "directory for the figures", "path"),
-        "n": _O(3, "number of best and of worst spaxels to plot", "int", minimum=0),
+        "n": _O(default_of(make_plots, "n_spaxels"), "number of best and of worst spaxels to plot", "int", minimum=0),
     },
 }
 
@@ -217,6 +233,15 @@ def _check_value(name: str, opt: Option, value: Any, base_dir: str) -> Any:
             value = os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
     elif kind == "ranges":
         value = parse_ranges(value, name)
+    elif kind == "fwhm":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or value == "":
+            raise InputError(f"{name}: expected a FWHM in Å or a file name, got {value!r}")
+        if isinstance(value, str):
+            value = os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+        elif not (value > 0 and math.isfinite(value)):
+            raise InputError(f"{name}: expected a positive FWHM in Å, got {value!r}")
+        else:
+            value = float(value)
     elif kind == "floats":
         if not isinstance(value, list) or not value or any(isinstance(v, bool) or not isinstance(v, (int, float))
                                                            for v in value):

@@ -48,21 +48,27 @@ class PipelineRunner:
             from ..solvers.kaczmarz.solver import solve_kaczmarz
             from ..stages.tracker import FitTracker
 
-            with FitTracker(self.path, comm=self.comm, method="kaczmarz", enabled=track) as tracker:
+            with FitTracker(self.path, comm=self.comm, method="kaczmarz", enabled=track, lazy=True) as tracker:
                 return solve_kaczmarz(self.path, comm=self.comm, tracker=tracker, **options)
 
-    def solve_all_mp_batched(self, epochs: int = 1, pixels_per_aperture=None, lr: float = 1.0,
-                             project_nonneg: bool = True, processes: int | None = None,
+    def solve_all_mp_batched(self, epochs: int | None = None, pixels_per_aperture=None, lr: float | None = None,
+                             project_nonneg: bool | None = None, processes: int | None = None,
                              blas_threads: int | None = None, orbit_weights=None, **options
                              ) -> tuple[np.ndarray, dict]:
-        """The predecessor's call, on MPI: the batched Kaczmarz solver.  Collective over comm."""
+        """The predecessor's call, on MPI: the batched Kaczmarz solver.  Collective over comm.
+
+        Options left out (None) take :func:`~cubefit_mpi.solvers.kaczmarz.solver.solve_kaczmarz`'s
+        defaults; ``options`` go to it too (an unknown keyword is a ``TypeError`` naming the
+        closest valid one).  ``processes`` and ``pixels_per_aperture`` are accepted and noted.
+        """
         if processes is not None and self.comm.Get_rank() == 0:
             _LOG.info("processes=%s ignored: MPI ranks replace the process pool (this run has %d ranks; "
                       "launch with mpiexec -n N or srun)", processes, self.comm.Get_size())
         if pixels_per_aperture is not None and self.comm.Get_rank() == 0:
             _LOG.info("pixels_per_aperture=%s ignored: rows are batched per S-tile", pixels_per_aperture)
-        return self.solve("kaczmarz", blas_threads=blas_threads, epochs=epochs, lr=lr,
-                          project_nonneg=project_nonneg, orbit_weights=orbit_weights, **options)
+        given = dict(epochs=epochs, lr=lr, project_nonneg=project_nonneg, orbit_weights=orbit_weights)
+        options.update({k: v for k, v in given.items() if v is not None})
+        return self.solve("kaczmarz", blas_threads=blas_threads, **options)
 
 
 class _blas_limits:

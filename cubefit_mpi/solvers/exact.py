@@ -19,13 +19,16 @@ import time
 
 import numpy as np
 
-from ..config.errors import InputError
+from ..config.errors import ConsistencyError, InputError
 from ..config.knobs import get_knobs
+from ..config.options import check_number, keyword_checked
 from ..io import layout as lay
 from ..io.blocks import write_block
 from ..io.h5file import open_h5
 from ..numerics.regularization import Regularization
-from ..parallel.comm import get_comm, mpi
+from ..parallel.comm import get_comm
+from ..parallel.comm import ranks_on_node
+from .limits import gram_budget_for, node_memory_bytes
 from .gram import SolveInputs, load_solve_inputs, normal_equations, residual_chi2
 from .root_nnls import check_nnls_memory, solve_on_root
 
@@ -37,23 +40,21 @@ COMPONENT_TOTALS = "/Solve/component_totals"
 CHI2_RTOL = 1e-9
 
 
-def gram_budget_bytes(comm) -> int:
-    """Bytes one rank may spend on an N×N Gram matrix.  Collective over comm.
+def gram_budget(ranks_on_node: int, node_memory: int | None = None) -> int:
+    """Bytes one of ``ranks_on_node`` ranks may spend on an N×N Gram matrix.  Local.
 
-    ``CUBEFIT_GRAM_MAX_BYTES`` when set; else 40 % of the node's memory divided by the ranks on
-    the node (every rank holds a partial G while accumulating).
+    ``CUBEFIT_GRAM_MAX_BYTES`` when set; else :func:`~.limits.gram_budget_for` of ``node_memory``
+    (default: this node's).
     """
     given = get_knobs().gram_max_bytes
     if given > 0:
         return given
-    node = comm.Split_type(mpi().COMM_TYPE_SHARED)
-    ranks_on_node = node.Get_size()
-    node.Free()
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        total = 8 * 2**30
-    return int(0.4 * total / max(ranks_on_node, 1))
+    return gram_budget_for(node_memory_bytes() if node_memory is None else int(node_memory), ranks_on_node)
+
+
+def gram_budget_bytes(comm) -> int:
+    """:func:`gram_budget` for the ranks of ``comm`` on this rank's node.  Collective over comm."""
+    return gram_budget(ranks_on_node(comm))
 
 
 def parse_orbit_weights(spec, n_comp: int, path: str | None = None) -> np.ndarray | None:
@@ -126,9 +127,11 @@ def gram_system(inputs: SolveInputs, *, use_cache: bool = True, comm=None) -> di
     return system
 
 
+@keyword_checked
 def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, regul_order: int = 2,
-                orbit_weights=None, orbit_strength: float = 0.0, use_cache: bool = True, verify: bool = True,
-                use_weights: bool = True, tol: float = 1e-10, exact_method: str = "auto", comm=None
+                orbit_weights=None, orbit_strength: float | None = None, use_cache: bool = True, verify: bool = True,
+                use_weights: bool = True, tol: float = 1e-10, exact_method: str = "auto", comm=None,
+                operator: str = "auto", norm_mode: str | None = None, amp_mode: str | None = None
                 ) -> tuple[np.ndarray, dict]:
     """Solve for ``/X_global`` exactly.  Collective over comm.
 
@@ -143,6 +146,9 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
     use_cache : bool  reuse a current ``/Solve`` Gram matrix
     verify : bool  recompute χ² by a separate residual pass (one more read of the hypercube)
     exact_method : {"auto", "gram", "working-set"}
+    operator : {"auto", "factored", "hypercube"}  where A comes from: its two factors (no
+        hypercube needed) or ``/HyperCube/models`` (:mod:`cubefit_mpi.operators.select`)
+    norm_mode, amp_mode : the normalisation of factored models of a file without a hypercube
 
     Returns
     -------
@@ -151,63 +157,108 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
     """
     comm = get_comm(comm)
     t0 = time.perf_counter()
-    knobs = get_knobs()
-    ridge = knobs.nnls_l2 if ridge is None else float(ridge)
-    if ridge < 0 or regul < 0 or orbit_strength < 0:
-        raise InputError("--ridge/--regul/--orbit-strength: expected values >= 0")
-    if regul_order not in (1, 2):
-        raise InputError(f"--regul-order {regul_order}: expected 1 or 2")
-    inputs = load_solve_inputs(path, use_weights=use_weights, comm=comm)
-    C, P, n = inputs.C, inputs.P, inputs.n_params
-    targets = parse_orbit_weights(orbit_weights, C, path)
-    pop_shape = _pop_shape(path, P, comm)
-    reg = Regularization.build(C, P, ridge=ridge, regul=regul, regul_order=regul_order, pop_shape=pop_shape,
-                               orbit_targets=targets, orbit_strength=orbit_strength)
+    ridge, regul, orbit_strength = _check_terms(ridge, regul, regul_order, orbit_weights, orbit_strength)
+    inputs = load_solve_inputs(path, use_weights=use_weights, operator=operator, norm_mode=norm_mode,
+                               amp_mode=amp_mode, comm=comm)
+    targets = parse_orbit_weights(orbit_weights, inputs.C, path)
+    reg = Regularization.build(inputs.C, inputs.P, ridge=ridge, regul=regul, regul_order=regul_order,
+                               pop_shape=population_shape(path, inputs.P, comm), orbit_targets=targets,
+                               orbit_strength=orbit_strength)
     if inputs.weights is not None and comm.Get_rank() == 0:
         from ..numerics.lambda_weights import weights_banner
 
         _LOG.info(weights_banner(inputs.weights, inputs.mask))
-    budget = gram_budget_bytes(comm)
-    method = exact_method
-    if method == "auto":
-        method = "gram" if n * n * 8 <= budget else "working-set"
-    if method not in ("gram", "working-set"):
-        raise InputError(f"--exact-method {method}: expected auto, gram or working-set")
-    _LOG.info("exact solve of N=%d (C=%d, P=%d) by the %s method on %d rank(s)", n, C, P, method,
-              comm.Get_size())
-    if method == "gram":
-        check_nnls_memory(n, comm)
-        system = gram_system(inputs, use_cache=use_cache, comm=comm)
-        t_solve = time.perf_counter()
-        x, info = _solve_on_root(system, reg, tol, comm)
-        info.update(passes=0 if system["from_cache"] else 1, from_cache=system["from_cache"],
-                    pass_seconds=system["pass_seconds"], reduce_seconds=system["reduce_seconds"],
-                    solve_seconds=time.perf_counter() - t_solve, phases_by_rank=system.get("phases_by_rank", []))
-    else:
-        from .working_set import solve_working_set
-
-        x, info = solve_working_set(inputs, reg, budget=budget, tol=tol, comm=comm)
-    stats = dict(info)
-    stats.update(method=f"exact-{method}", n_params=n, n_ranks=comm.Get_size(), ridge=ridge, regul=regul,
-                 regul_order=regul_order, orbit_strength=orbit_strength)
+    method, budget = _choose_method(exact_method, inputs.n_params, comm)
+    _LOG.info("exact solve of N=%d (C=%d, P=%d) by the %s method on %d rank(s)", inputs.n_params, inputs.C,
+              inputs.P, method, comm.Get_size())
+    x, stats = _solve(method, inputs, reg, budget=budget, tol=tol, use_cache=use_cache, comm=comm)
+    stats.update(method=f"exact-{method}", operator=inputs.operator.kind, n_params=inputs.n_params,
+                 n_ranks=comm.Get_size(), ridge=ridge, regul=regul, regul_order=regul_order,
+                 orbit_strength=orbit_strength, use_weights=bool(use_weights),
+                 norm_mode=inputs.operator.norm_mode, amp_mode=inputs.operator.amp_mode)
     if verify:
-        t_v = time.perf_counter()
-        chi2 = residual_chi2(inputs, x, comm)
-        stats["chi2"] = chi2
-        stats["chi2_rel_diff"] = abs(chi2 - stats["chi2_formula"]) / max(chi2, 1e-300)
-        stats["chi2_consistent"] = bool(abs(chi2 - stats["chi2_formula"]) <=
-                                        CHI2_RTOL * chi2 + 1e-13 * stats["yy"])
-        stats["verify_seconds"] = time.perf_counter() - t_v
+        _verify(inputs, x, stats, comm)
     else:
         stats["chi2"] = stats["chi2_formula"]
-    stats["component_totals"] = x.reshape(C, P).sum(axis=1)
+    stats["component_totals"] = x.reshape(inputs.C, inputs.P).sum(axis=1)
     stats["seconds"] = time.perf_counter() - t0
     _write_solution(path, x, stats, targets, comm)
     _log_summary(stats)
     return x, stats
 
 
-def _pop_shape(path: str, n_pop: int, comm):
+def _check_terms(ridge, regul, regul_order, orbit_weights, orbit_strength) -> tuple[float, float, float]:
+    """The quadratic terms' strengths, checked (ridge None = ``CUBEFIT_NNLS_L2``).  Local."""
+    ridge = get_knobs().nnls_l2 if ridge is None else check_number("--ridge", ridge, minimum=0.0)
+    regul = check_number("--regul", regul, minimum=0.0)
+    orbit_strength = check_number("--orbit-strength", 0.0 if orbit_strength is None else orbit_strength, minimum=0.0)
+    if orbit_weights is not None and orbit_strength == 0.0:
+        raise InputError("--orbit-weights: the exact method needs --orbit-strength > 0 (the penalty's mu)")
+    if regul_order not in (1, 2):
+        raise InputError(f"--regul-order {regul_order}: expected 1 or 2")
+    return ridge, regul, orbit_strength
+
+
+def _choose_method(exact_method: str, n: int, comm) -> tuple[str, int]:
+    """``gram`` when the N×N Gram matrix fits the per-rank budget, else ``working-set``.  Collective."""
+    budget = gram_budget_bytes(comm)
+    method = exact_method
+    if method == "auto":
+        method = "gram" if n * n * 8 <= budget else "working-set"
+    if method not in ("gram", "working-set"):
+        raise InputError(f"--exact-method {method}: expected auto, gram or working-set")
+    return method, budget
+
+
+def _solve(method: str, inputs: SolveInputs, reg: Regularization, *, budget: int, tol: float, use_cache: bool,
+           comm) -> tuple[np.ndarray, dict]:
+    """x and the solver's stats by the chosen method.  Collective over comm."""
+    if method == "working-set":
+        from .working_set import solve_working_set
+
+        x, info = solve_working_set(inputs, reg, budget=budget, tol=tol, comm=comm)
+        return x, dict(info)
+    check_nnls_memory(inputs.n_params, comm)
+    system = gram_system(inputs, use_cache=use_cache, comm=comm)
+    t_solve = time.perf_counter()
+    x, info = _solve_on_root(system, reg, tol, comm)
+    info.update(passes=0 if system["from_cache"] else 1, from_cache=system["from_cache"],
+                pass_seconds=system["pass_seconds"], reduce_seconds=system["reduce_seconds"],
+                solve_seconds=time.perf_counter() - t_solve, phases_by_rank=system.get("phases_by_rank", []))
+    return x, dict(info)
+
+
+def _verify(inputs: SolveInputs, x: np.ndarray, stats: dict, comm) -> None:
+    """χ² by a separate residual pass, against ``yᵀWy − 2bᵀx + xᵀGx``.  Collective over comm.
+
+    A disagreement beyond ``CHI2_RTOL`` (relative, with ``1e-13 yᵀWy`` absolute for near-perfect
+    fits) means the cached normal equations do not belong to this file: the cache is discarded
+    and :class:`~cubefit_mpi.config.errors.ConsistencyError` (exit 1) names both values.
+    """
+    t_v = time.perf_counter()
+    chi2 = residual_chi2(inputs, x, comm)
+    stats["chi2"] = chi2
+    stats["chi2_rel_diff"] = abs(chi2 - stats["chi2_formula"]) / max(chi2, 1e-300)
+    stats["chi2_consistent"] = bool(abs(chi2 - stats["chi2_formula"]) <= CHI2_RTOL * chi2 + 1e-13 * stats["yy"])
+    stats["verify_seconds"] = time.perf_counter() - t_v
+    if not stats["chi2_consistent"]:
+        discard_cache(inputs.path, comm)
+        raise ConsistencyError(f"{inputs.path}: the residual pass gives chi2 = {chi2:.10g} but the normal equations "
+                               f"give {stats['chi2_formula']:.10g} (relative difference {stats['chi2_rel_diff']:.3g} > "
+                               f"{CHI2_RTOL:g}); the Gram cache under {lay.SOLVE} was discarded and /X_global was not "
+                               f"written: solve again")
+
+
+def discard_cache(path: str, comm) -> None:
+    """Delete the cached Gram matrix and right-hand side.  Collective over comm."""
+    with open_h5(path, "r+", comm) as f:
+        for name in (GRAM, RHS):
+            if name in f:
+                del f[name]
+
+
+def population_shape(path: str, n_pop: int, comm) -> tuple:
+    """The population grid ``pop_shape`` of ``/Templates`` when it fits ``n_pop``, else ``(n_pop,)``.  Collective."""
     with open_h5(path, "r", comm) as f:
         if lay.TEMPLATES in f and "pop_shape" in f[lay.TEMPLATES].attrs:
             shape = tuple(int(v) for v in f[lay.TEMPLATES].attrs["pop_shape"])

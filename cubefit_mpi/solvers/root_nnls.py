@@ -21,7 +21,7 @@ import numpy as np
 from ..config.errors import InputError
 from ..config.knobs import get_knobs
 from ..numerics.certificate import KKT_TOL, certificate_dict, certify
-from ..numerics.nnls_select import add_quadratic_terms, expects_dense, factor_bytes, solve_gram
+from ..numerics.nnls_select import GramSolution, add_quadratic_terms, expects_dense, factor_bytes, solve_gram
 from ..parallel.collectives import bcast_array, raise_if_any, wait_for_root
 from ..parallel.comm import get_comm, ranks_on_node
 from ..parallel.threads import node_blas_threads
@@ -80,6 +80,29 @@ def check_nnls_memory(n: int, comm=None, *, gram_held: bool = False) -> dict:
     return {"needed": needed, "available": available, "source": source}
 
 
+def exact_nnls(gram, rhs, reg=None, *, tol: float = 1e-10, x0=None) -> GramSolution:
+    """The package's exact NNLS of a Gram system, by the method of ``CUBEFIT_NNLS_GRAM_METHOD``.  Local.
+
+    Every exact NNLS goes through here (the Gram method's rank-0 solve, the working set's
+    subproblems, the bootstrap's replicates), so the knob and ``auto``'s rule
+    (:func:`~cubefit_mpi.numerics.nnls_select.solve_gram`) apply to all of them.
+
+    Parameters
+    ----------
+    gram : (N, N) float64, the quadratic terms of ``reg`` already included; read only
+    rhs : (N,) float64
+    reg : Regularization or None, tells ``auto`` to expect a dense solution (a smoothness term)
+    tol : float, as :func:`~cubefit_mpi.numerics.nnls.nnls_gram`
+    x0 : (N,) float64 or None, non-negative warm start
+
+    Returns
+    -------
+    GramSolution
+    """
+    dense = reg is not None and reg.active and expects_dense(reg)
+    return solve_gram(gram, rhs, method=get_knobs().nnls_gram_method, tol=tol, x0=x0, expect_dense=dense)
+
+
 def solve_on_root(gram, rhs, reg, *, tol: float, comm=None, x0=None) -> tuple[np.ndarray, dict]:
     """Exact NNLS of ``min ½xᵀ(G+R)x − bᵀx, x ≥ 0`` on rank 0; x and the summary on every rank.  Collective.
 
@@ -126,8 +149,7 @@ def _solve_here(gram, rhs, reg, tol, knobs, x0):
         raise_threads = knobs.blas_threads > 0 or gram.shape[0] >= NODE_THREADS_MIN_N
         with node_blas_threads(knobs.blas_threads) if raise_threads else nullcontext(0) as threads:
             t_solve = time.perf_counter()
-            solution = solve_gram(gram, rhs, method=knobs.nnls_gram_method, tol=tol, x0=x0,
-                                  expect_dense=active and expects_dense(reg))
+            solution = exact_nnls(gram, rhs, reg, tol=tol, x0=x0)
             seconds = time.perf_counter() - t_solve
             x = solution.result.x
             cert = certify(gram, rhs, x)

@@ -14,11 +14,11 @@ import time
 import numpy as np
 
 from ..config.errors import InputError
-from ..config.knobs import get_knobs
-from ..numerics.nnls_select import expects_dense, solve_gram
 from ..numerics.regularization import Regularization
 from ..parallel.collectives import bcast_array
+from .limits import working_set_block
 from .gram import SolveInputs, diagonal_pass, gram_columns
+from .root_nnls import exact_nnls
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
 
@@ -33,8 +33,7 @@ def solve_working_set(inputs: SolveInputs, reg: Regularization, *, budget: int, 
     if max_cols < 1:
         raise InputError(f"CUBEFIT_GRAM_MAX_BYTES={budget}: cannot hold even one Gram column of N={n} "
                          f"({8 * n} bytes); raise it or use fewer ranks per node")
-    block = int(block or max(8, min(n // 20 + 1, 256)))
-    method, dense = get_knobs().nnls_gram_method, reg.active and expects_dense(reg)
+    block = int(block or working_set_block(n))
     t0 = time.perf_counter()
     first = diagonal_pass(inputs, comm)
     rhs, yy = first["rhs"], first["yy"]
@@ -66,8 +65,7 @@ def solve_working_set(inputs: SolveInputs, reg: Regularization, *, budget: int, 
         if comm.Get_rank() == 0:
             columns = np.hstack([columns, block_cols])
             g_ws = columns[working] + (reg.columns(working)[working] if reg.active else 0.0)
-            result = solve_gram(g_ws, rhs[working], method=method, tol=tol, x0=x[working],
-                                expect_dense=dense).result
+            result = exact_nnls(g_ws, rhs[working], reg, tol=tol, x0=x[working]).result
             x = np.zeros(n)
             x[working] = result.x
             full_cols = columns + (reg.columns(working) if reg.active else 0.0)

@@ -1,13 +1,10 @@
-"""Utilities on a built hypercube: normalisation flip, column energy, the done bitmap, recompression.
+"""Utilities on a built hypercube: column energy, the done bitmap, recompression (the
+normalisation flip is :mod:`.convert_norm`).
 
 All are chunk-aligned passes over S-tiles distributed over ranks, with collective reads and
-writes; none runs an FFT.  Each is resumable or atomic:
-
-* ``convert_hypercube_norm`` records the target in ``/HyperCube`` attribute
-  ``norm.converting_to`` and a per-S-tile bitmap ``/HyperCube/_convert_done``; a killed
-  conversion restarted with the same target finishes the remaining tiles;
-* ``recompress`` copies into a new dataset, verifies it tile by tile, then swaps the links: a
-  crash before the swap leaves the old dataset untouched.
+writes; none runs an FFT.  ``recompress`` copies into a new dataset, verifies it tile by tile,
+then swaps the links: a crash before the swap leaves the old dataset untouched, and a crash
+between the two renames of the swap is finished by running it again.
 """
 from __future__ import annotations
 
@@ -20,18 +17,18 @@ from ..io import layout as lay
 from ..io.blocks import read_block, write_block
 from ..io.datasets import parse_compression
 from ..io.h5file import open_h5
-from ..io.hypercube_state import mark_models_changed, missing_spaxel_ranges
+from ..io.hypercube_state import (ENERGY_STALE, RECOMPRESS_OLD, RECOMPRESS_TMP, interrupted_recompress, missing_spaxel_ranges,
+                                  require_usable_models)
 from ..numerics.column_energy import pixel_weights, tile_energy
-from ..numerics.normalization import NORM_MODES, norm_factor
 from ..parallel.collectives import allreduce_sum
 from ..parallel.comm import get_comm
 from ..parallel.decomposition import block_range, padded_schedule, tile_bounds
 
 _LOG = logging.getLogger("cubefit_mpi.build")
-CONVERT_DONE = "/HyperCube/_convert_done"
 
 
 def _require_models(f):
+    """The models of a build that may be unfinished (for ``done``).  Local."""
     if lay.MODELS not in f:
         raise InputError(f"{lay.MODELS}: dataset missing from {f.filename}; run `cubefit_mpi build {f.filename}`")
     return f[lay.MODELS]
@@ -55,89 +52,6 @@ def _read_mask(f):
 # ---------------------------------------------------------------------------------------------
 
 
-def convert_hypercube_norm(path: str, to_mode: str, recompute_energy: bool = True, comm=None) -> dict:
-    """Flip ``/HyperCube/models`` between ``norm="model"`` and ``norm="data"``.  Collective over comm.
-
-    Scales ``models[s] *= F[s]`` (see :func:`norm_factor`) in S-tiles, mask-aware (the flux is the
-    masked mean, computed from ``/DataCube`` if ``/HyperCube/data_flux`` is absent), then
-    updates ``col_energy`` (if asked) and the ``norm.mode`` attribute.  Resumable.
-    """
-    from ..numerics.normalization import masked_mean_flux
-
-    comm = get_comm(comm)
-    if to_mode not in NORM_MODES:
-        raise InputError(f"--to {to_mode}: expected one of {', '.join(NORM_MODES)}")
-    with open_h5(path, "r", comm) as f:
-        models = _require_models(f)
-        attrs = f[lay.HYPERCUBE].attrs
-        current = str(attrs.get("norm.mode", ""))
-        converting = str(attrs.get("norm.converting_to", ""))
-        if not bool(attrs.get("complete", False)):
-            raise InputError(f"{lay.MODELS}: the build is incomplete; finish it with `cubefit_mpi build {path}` first")
-        if current == to_mode and not converting:
-            return {"converted": False, "norm.mode": current}
-        if lay.LOSVD_AMP_SUM not in f:
-            raise InputError(f"{lay.LOSVD_AMP_SUM}: dataset missing; rebuild with `cubefit_mpi build --force`")
-        amp_sum = np.asarray(f[lay.LOSVD_AMP_SUM][...], dtype=np.float64)
-        mask = _read_mask(f)
-        if lay.DATA_FLUX in f:
-            flux = np.asarray(f[lay.DATA_FLUX][...], dtype=np.float64)
-            flux_computed = False
-        elif lay.DATACUBE in f:
-            flux = np.zeros(amp_sum.size)
-            lo, hi = block_range(amp_sum.size, comm.Get_size(), comm.Get_rank())
-            if hi > lo:
-                flux[lo:hi] = masked_mean_flux(np.asarray(f[lay.DATACUBE][lo:hi]), mask)
-            flux = allreduce_sum(flux, comm)
-            flux_computed = True
-        else:
-            raise InputError(f"{lay.DATA_FLUX}: missing and no {lay.DATACUBE} to compute it from")
-        try:
-            factor = norm_factor(to_mode, amp_sum, flux)
-        except ValueError as exc:
-            raise InputError(f"{lay.DATA_FLUX}: {exc}; cannot convert between norm modes") from None
-        tiles = _s_tiles(models)
-        shape = models.shape
-    if converting and converting != to_mode:
-        raise InputError(f"{lay.HYPERCUBE}: an interrupted conversion to {converting!r} must be finished first "
-                         f"(`cubefit_mpi convert-norm {path} --to {converting}`)")
-    with open_h5(path, "r+", comm) as f:
-        models = f[lay.MODELS]
-        if not converting:
-            if CONVERT_DONE in f:
-                del f[CONVERT_DONE]
-            f.create_dataset(CONVERT_DONE, shape=(len(tiles),), dtype="u1", fillvalue=0)
-            if flux_computed:
-                if lay.DATA_FLUX in f:
-                    del f[lay.DATA_FLUX]
-                f.create_dataset(lay.DATA_FLUX, data=flux)
-            f[lay.HYPERCUBE].attrs["norm.converting_to"] = to_mode
-            f.flush()
-        done = np.asarray(f[CONVERT_DONE][...], dtype=bool)
-        done_dset = f[CONVERT_DONE]
-        for ti in padded_schedule(_my_tiles(tiles, comm, skip=done), comm):
-            if ti is None:
-                read_block(models, None, None)
-                write_block(models, None, None)
-                f.flush()
-                write_block(done_dset, None, None)
-                continue
-            s0, s1 = tiles[ti]
-            block = read_block(models, (s0, 0, 0, 0), (s1 - s0,) + shape[1:])
-            block *= factor[s0:s1, None, None, None].astype(np.float32)
-            write_block(models, (s0, 0, 0, 0), block)
-            f.flush()
-            write_block(done_dset, (ti,), np.ones(1, dtype=np.uint8))
-        f.flush()
-        f[lay.HYPERCUBE].attrs["norm.mode"] = to_mode
-        del f[lay.HYPERCUBE].attrs["norm.converting_to"]
-        mark_models_changed(f, comm)
-        del f[CONVERT_DONE]
-    energy = recompute_col_energy(path, comm=comm) if recompute_energy else None
-    _LOG.info("convert-norm %s: %s -> %s over %d S-tiles", path, current, to_mode, len(tiles))
-    return {"converted": True, "norm.mode": to_mode, "col_energy": energy}
-
-
 # ---------------------------------------------------------------------------------------------
 def recompute_col_energy(path: str, *, weighted: bool = False, comm=None) -> np.ndarray:
     """Recompute ``/HyperCube/col_energy = Σ_{s, λ∈mask} w_λ A²``; returns it.  Collective over comm.
@@ -147,7 +61,7 @@ def recompute_col_energy(path: str, *, weighted: bool = False, comm=None) -> np.
     """
     comm = get_comm(comm)
     with open_h5(path, "r", comm) as f:
-        models = _require_models(f)
+        models = require_usable_models(f, comm, check_inputs=False)
         mask = _read_mask(f)
         weights = None
         if weighted:
@@ -173,6 +87,7 @@ def recompute_col_energy(path: str, *, weighted: bool = False, comm=None) -> np.
         write_block(f[lay.COL_ENERGY], (0, 0) if comm.Get_rank() == 0 else None,
                     energy if comm.Get_rank() == 0 else None)
         f[lay.COL_ENERGY].attrs["weighted"] = bool(weighted)
+        f[lay.COL_ENERGY].attrs[ENERGY_STALE] = False
         f[lay.COL_ENERGY].attrs["masked"] = mask is not None
     return energy
 
@@ -231,50 +146,101 @@ def invalidate_tiles(path: str, spaxels: str, comm=None) -> int:
 
 # ---------------------------------------------------------------------------------------------
 def recompress(path: str, compression: str | None, comm=None) -> dict:
-    """Rewrite ``/HyperCube/models`` with other filters: copy, verify, swap.  Collective over comm."""
+    """Rewrite ``/HyperCube/models`` with other filters: copy, verify, swap.  Collective over comm.
+
+    The copy goes to ``/HyperCube/models__recompress``; only once every tile has been read back
+    equal is it marked verified and swapped in by two renames.  A kill before the swap leaves the
+    original as it was (the next run starts the copy over); a kill between the renames is
+    finished by the next run (or named by every reader: the usable-hypercube check).
+    """
     comm = get_comm(comm)
     filt, opt = parse_compression(compression, comm.Get_size())
-    tmp_name = lay.MODELS + "__recompress"
+    label = f"{filt}:{opt}" if filt else "none"
+    with open_h5(path, "r+", comm) as f:
+        finished = _finish_interrupted_swap(f)
     with open_h5(path, "r", comm) as f:
-        models = _require_models(f)
-        if not bool(f[lay.HYPERCUBE].attrs.get("complete", False)):
-            raise InputError(f"{lay.MODELS}: the build is incomplete; finish it with `cubefit_mpi build {path}` first")
+        models = require_usable_models(f, comm, check_inputs=False)
+        current = str(f[lay.HYPERCUBE].attrs.get("compression", "none"))
         shape, chunks = models.shape, models.chunks or (1,) + models.shape[1:]
         tiles = _s_tiles(models)
+    if finished and current == label:
+        _LOG.info("recompress %s: finished the swap of an interrupted run (%s)", path, label)
+        return {"compression": compression, "tiles": len(tiles), "finished_interrupted": True}
     with open_h5(path, "r+", comm) as f:
-        if tmp_name in f:                      # leftover of a crashed recompress: start over
-            del f[tmp_name]
-        old = f[lay.MODELS]
-        new = f.create_dataset(tmp_name, shape=shape, dtype="f4", chunks=chunks, compression=filt,
+        if RECOMPRESS_TMP in f:                # an unverified copy of a killed run: start over
+            del f[RECOMPRESS_TMP]
+        new = f.create_dataset(RECOMPRESS_TMP, shape=shape, dtype="f4", chunks=chunks, compression=filt,
                                compression_opts=opt)
-        mismatch = 0
         mine = _my_tiles(tiles, comm)
-        for ti in padded_schedule(mine, comm):
-            if ti is None:
-                read_block(old, None, None)
-                write_block(new, None, None)
-                continue
-            s0, s1 = tiles[ti]
-            block = read_block(old, (s0, 0, 0, 0), (s1 - s0,) + shape[1:])
-            write_block(new, (s0, 0, 0, 0), block)
+        _copy_tiles(f[lay.MODELS], new, tiles, mine, comm)
         f.flush()
-        for ti in padded_schedule(mine, comm):      # verify what is on disk
-            if ti is None:
-                read_block(old, None, None)
-                read_block(new, None, None)
-                continue
-            s0, s1 = tiles[ti]
-            a = read_block(old, (s0, 0, 0, 0), (s1 - s0,) + shape[1:])
-            b = read_block(new, (s0, 0, 0, 0), (s1 - s0,) + shape[1:])
-            mismatch += int(not np.array_equal(a, b))
-        mismatch = comm.allreduce(mismatch)
+        mismatch = _count_differing_tiles(f[lay.MODELS], new, tiles, mine, comm)
         if mismatch:
-            del f[tmp_name]
+            del f[RECOMPRESS_TMP]
             raise RuntimeError(f"recompress: {mismatch} tile(s) differ after the copy; the original is kept")
-        f.move(lay.MODELS, lay.MODELS + "__old")
-        f.move(tmp_name, lay.MODELS)
-        del f[lay.MODELS + "__old"]
-        f[lay.HYPERCUBE].attrs["compression"] = f"{filt}:{opt}" if filt else "none"
-    _LOG.info("recompress %s: %s (space of the old dataset is reusable by HDF5; h5repack reclaims it)",
-              path, compression)
-    return {"compression": compression, "tiles": len(tiles)}
+        new.attrs["compression"] = label
+        new.attrs["verified"] = True
+        f.flush()
+        _swap_in(f)
+    _LOG.info("recompress %s: %s (space of the old dataset is reusable by HDF5; `recompress --compact` "
+              "reclaims it)", path, compression)
+    return {"compression": compression, "tiles": len(tiles), "finished_interrupted": finished}
+
+
+def _copy_tiles(old, new, tiles, mine, comm) -> None:
+    """Copy this rank's S-tiles of ``old`` into ``new``.  Collective over comm."""
+    shape = old.shape
+    for ti in padded_schedule(mine, comm):
+        if ti is None:
+            read_block(old, None, None)
+            write_block(new, None, None)
+            continue
+        s0, s1 = tiles[ti]
+        write_block(new, (s0, 0, 0, 0), read_block(old, (s0, 0, 0, 0), (s1 - s0,) + shape[1:]))
+
+
+def _count_differing_tiles(old, new, tiles, mine, comm) -> int:
+    """S-tiles whose stored bytes differ between ``old`` and ``new`` (all ranks).  Collective over comm."""
+    shape, mismatch = old.shape, 0
+    for ti in padded_schedule(mine, comm):
+        if ti is None:
+            read_block(old, None, None)
+            read_block(new, None, None)
+            continue
+        s0, s1 = tiles[ti]
+        a = read_block(old, (s0, 0, 0, 0), (s1 - s0,) + shape[1:])
+        b = read_block(new, (s0, 0, 0, 0), (s1 - s0,) + shape[1:])
+        mismatch += int(not np.array_equal(a, b))
+    return comm.allreduce(mismatch)
+
+
+def _swap_in(f) -> None:
+    """``models`` -> ``models__old``, the verified copy -> ``models``, the old one deleted.  Collective."""
+    f.move(lay.MODELS, RECOMPRESS_OLD)
+    f.move(RECOMPRESS_TMP, lay.MODELS)
+    f.flush()
+    _drop_old(f)
+
+
+def _drop_old(f) -> None:
+    """After the renames: the copy's compression onto ``/HyperCube``, the old dataset deleted.  Collective."""
+    if "compression" in f[lay.MODELS].attrs:
+        f[lay.HYPERCUBE].attrs["compression"] = str(f[lay.MODELS].attrs["compression"])
+    for key in ("compression", "verified"):
+        if key in f[lay.MODELS].attrs:
+            del f[lay.MODELS].attrs[key]
+    if RECOMPRESS_OLD in f:
+        del f[RECOMPRESS_OLD]
+    f.flush()
+
+
+def _finish_interrupted_swap(f) -> bool:
+    """Complete a swap that a kill interrupted; True if there was one.  Collective."""
+    if interrupted_recompress(f) is not None and bool(f[RECOMPRESS_TMP].attrs.get("verified", False)):
+        f.move(RECOMPRESS_TMP, lay.MODELS)
+        _drop_old(f)
+        return True
+    if lay.MODELS in f and RECOMPRESS_OLD in f:          # killed after the renames: only the delete is left
+        _drop_old(f)
+        return True
+    return False

@@ -9,7 +9,9 @@ What it does (all collective over ``comm``):
 
 1. Reads headers and small inputs, builds the observed grid (uniform in ln λ; a cube linear in λ
    is log-rebinned by exact overlap, :mod:`cubefit_mpi.numerics.rebin`) and the template grid
-   (``oversample`` times finer, aligned, plus the LOSVD velocity guard), log-rebins the templates.
+   (``oversample`` times finer, aligned, plus the LOSVD velocity guard); with ``data_fwhm`` and
+   ``template_fwhm`` broadens the templates to the data's resolution on their own grid
+   (:mod:`cubefit_mpi.numerics.resolution`), then log-rebins them.
 2. Pass 1 over the cube: which spaxels have any usable value (finite data, finite variance >= 0).
 3. Checks every input against the others (units, ranges, bin map shape and ids, LOSVD count);
    nothing is written before these checks pass.
@@ -35,12 +37,14 @@ from ..io import layout as lay
 from ..io.blocks import write_block, write_owned_rows
 from ..io.h5file import open_h5
 from ..io.ingest_readers import (
-    CubeInfo, file_provenance, read_bin_map, read_cube_header, read_losvd_meta, read_losvd_rows, read_templates
+    CubeInfo, file_provenance, read_bin_map, read_cube_header, read_fwhm, read_losvd_meta, read_losvd_rows,
+    read_templates
 )
 from ..io.layout import DATA_VAR, SPAXELS_BIN_MAP, SPAXELS_DROPPED, SPAXELS_N_MEMBERS, SPAXELS_YX, H5Dims
 from ..io.manager import H5Manager
 from ..numerics.constants import SPEED_OF_LIGHT_KMS
 from ..numerics.rebin import BandedRebin, overlap_rebin, per_lnlambda_factor
+from ..numerics.resolution import broaden, complete_range, fwhm_on_grid, sigma_difference
 from ..numerics.wavelength_grids import centres, edges_from_centres, range_mask, template_edges, uniform_log_edges
 from ..parallel.collectives import agree, allreduce_sum, check_all_ranks, raise_if_any
 from ..parallel.comm import get_comm
@@ -64,12 +68,15 @@ class IngestOptions:
     bin_combine: str = "sum"
     flux_density: str = "angstrom"
     rows_per_read: int = 0
+    data_fwhm: float | str | None = None        # Å, or a two-column file (λ, FWHM); None = no matching
+    template_fwhm: float | str | None = None
 
     @classmethod
     def from_config(cls, section: dict) -> "IngestOptions":
         """From the validated ``ingest`` section of :func:`~cubefit_mpi.pipeline.config.load_config`."""
         kwargs = {k: section[k] for k in ("cube", "templates", "losvd", "bins", "velscale", "oversample",
-                                          "bin_combine", "flux_density", "rows_per_read")}
+                                          "bin_combine", "flux_density", "rows_per_read", "data_fwhm",
+                                          "template_fwhm")}
         return cls(mask_ranges=tuple(tuple(r) for r in parse_ranges(section.get("mask_ranges"))), **kwargs)
 
 
@@ -149,6 +156,7 @@ class _Plan:
     ranges: list
     losvd_block: np.ndarray     # this rank's rows of the LOSVD
     provenance: list = field(default_factory=list)
+    resolution: dict = field(default_factory=dict)   # /Templates attributes: what resolution matching did
 
 
 def _observed_grid(info: CubeInfo, opts: IngestOptions) -> tuple[np.ndarray, BandedRebin, bool]:
@@ -169,24 +177,70 @@ def _observed_grid(info: CubeInfo, opts: IngestOptions) -> tuple[np.ndarray, Ban
     return obs_edges, op, not keep
 
 
-def _templates_on_grid(opts: IngestOptions, tem_edges: np.ndarray, vmax: float) -> tuple[np.ndarray, dict]:
+def _fwhm_description(value, fwhm) -> str:
+    if not isinstance(fwhm, tuple):
+        return f"{fwhm:g}"
+    lam, width = fwhm
+    return (f"table {os.path.basename(os.fspath(value))} ({lam.size} rows, {lam[0]:.1f}-{lam[-1]:.1f} A, "
+            f"FWHM {width.min():.4g}-{width.max():.4g} A)")
+
+
+def _match_resolution(opts: IngestOptions, lam: np.ndarray, tem: np.ndarray, obs_lam: np.ndarray,
+                      need: np.ndarray) -> tuple[np.ndarray, tuple[float, float], dict]:
+    """Broaden the library ``tem (P, T0)`` on its grid ``lam (T0,)`` to the data's resolution.  Local.
+
+    Returns the broadened templates, the range (Å) where they are complete and the
+    ``/Templates`` attributes that record what was applied.
+    """
+    widths = {}
+    for option, value in (("--data-fwhm", opts.data_fwhm), ("--template-fwhm", opts.template_fwhm)):
+        fwhm = widths[option] = read_fwhm(value, option)
+        if isinstance(fwhm, tuple) and (fwhm[0][0] > obs_lam[0] * (1 + 1e-9)
+                                        or fwhm[0][-1] < obs_lam[1] * (1 - 1e-9)):
+            raise InputError(f"{option} {value}: the table covers {fwhm[0][0]:.2f}-{fwhm[0][-1]:.2f} A but the "
+                             f"observed pixels span {obs_lam[0]:.2f}-{obs_lam[1]:.2f} A")
+    needed = (lam >= need[0]) & (lam <= need[1])
+    try:
+        sigma = sigma_difference(lam, fwhm_on_grid(lam, widths["--data-fwhm"]),
+                                 fwhm_on_grid(lam, widths["--template-fwhm"]), check=needed)
+    except ValueError as exc:
+        raise InputError(f"--data-fwhm {opts.data_fwhm}: {exc} (--template-fwhm {opts.template_fwhm})") from None
+    used = sigma[needed] if needed.any() else sigma
+    attrs = {"resolution.matched": True,
+             "resolution.data_fwhm": _fwhm_description(opts.data_fwhm, widths["--data-fwhm"]),
+             "resolution.template_fwhm": _fwhm_description(opts.template_fwhm, widths["--template-fwhm"]),
+             "resolution.sigma_min": float(used.min()), "resolution.sigma_max": float(used.max()),
+             "resolution.method": "Gaussian of sigma^2 = (FWHM_data^2 - FWHM_tem^2) / (8 ln 2) A^2 at the source "
+                                  "wavelength, on the library's grid before log-rebinning, flux-conserving "
+                                  "(cubefit_mpi.numerics.resolution)"}
+    return broaden(lam, tem, sigma), complete_range(lam, sigma), attrs
+
+
+def _templates_on_grid(opts: IngestOptions, obs_edges: np.ndarray, tem_edges: np.ndarray,
+                       vmax: float) -> tuple[np.ndarray, dict, dict]:
     lam, tem, pop = read_templates(opts.templates)
     try:
         in_edges, _ = edges_from_centres(lam)
     except ValueError as exc:
         raise InputError(f"--templates {opts.templates}: lam: {exc}") from None
     have, need = np.exp(in_edges[[0, -1]]), np.exp(tem_edges[[0, -1]])
+    resolution, broadened = {"resolution.matched": False}, ""
+    if opts.data_fwhm is not None:
+        tem, complete, resolution = _match_resolution(opts, lam, tem, np.exp(centres(obs_edges)[[0, -1]]), need)
+        have = np.array([max(have[0], complete[0]), min(have[1], complete[1])])
+        broadened = " once broadened to --data-fwhm"
     if need[0] < have[0] * (1 - 1e-12) or need[1] > have[1] * (1 + 1e-12):
-        raise InputError(f"--templates {opts.templates}: the templates cover {have[0]:.2f}-{have[1]:.2f} A but "
-                         f"{need[0]:.2f}-{need[1]:.2f} A is needed (the observed range plus the {vmax:g} km/s "
-                         f"LOSVD velocity guard); use a wider library or trim the cube")
+        raise InputError(f"--templates {opts.templates}: the templates cover {have[0]:.2f}-{have[1]:.2f} A"
+                         f"{broadened} but {need[0]:.2f}-{need[1]:.2f} A is needed (the observed range plus the "
+                         f"{vmax:g} km/s LOSVD velocity guard); use a wider library or trim the cube")
     op = overlap_rebin(in_edges, tem_edges, measure="lambda")
     if opts.flux_density == "lnlambda":
         op = op.scaled(per_lnlambda_factor(tem_edges))
     out = op.apply(tem)
     if not np.all(np.isfinite(out)):
         raise InputError(f"--templates {opts.templates}: NaN/Inf inside the needed wavelength range")
-    return out, pop
+    pop = dict(pop, library_range=(float(have[0]), float(have[1])))
+    return out, pop, resolution
 
 
 def _targets(info: CubeInfo, usable: np.ndarray, bin_map: np.ndarray | None, opts: IngestOptions):
@@ -222,6 +276,10 @@ def make_plan(opts: IngestOptions, comm) -> _Plan:
         raise InputError(f"--oversample {opts.oversample}: expected an integer >= 1")
     if opts.velscale is not None and not opts.velscale > 0:
         raise InputError(f"--velscale {opts.velscale}: expected a positive number of km/s")
+    if (opts.data_fwhm is None) != (opts.template_fwhm is None):
+        given, missing = ("--data-fwhm", "--template-fwhm") if opts.template_fwhm is None else \
+            ("--template-fwhm", "--data-fwhm")
+        raise InputError(f"{missing}: required with {given} (resolution matching needs both FWHM; MILES: 2.51 A)")
     info = check_all_ranks(read_cube_header, opts.cube, comm=comm)
     vel, losvd_shape = read_losvd_meta(opts.losvd, comm)
     bin_map = check_all_ranks(read_bin_map, opts.bins, info.shape[1:], comm=comm) if opts.bins else None
@@ -231,11 +289,11 @@ def make_plan(opts: IngestOptions, comm) -> _Plan:
     result, error = None, None
     if comm.Get_rank() == 0:
         try:
-            result = _templates_on_grid(opts, tem_edges, vmax)
+            result = _templates_on_grid(opts, obs_edges, tem_edges, vmax)
         except InputError as exc:
             error = exc
     raise_if_any(error, comm)
-    templates, pop = agree(result, comm)
+    templates, pop, resolution = agree(result, comm)
     from ..io.validation import check_grids
 
     check_grids(centres(tem_edges), centres(obs_edges), vel)
@@ -258,11 +316,19 @@ def make_plan(opts: IngestOptions, comm) -> _Plan:
     ranges = [list(r) for r in opts.mask_ranges]
     provenance = None
     if comm.Get_rank() == 0:
+        tables = [(role, p) for role, p in (("data_fwhm", opts.data_fwhm), ("template_fwhm", opts.template_fwhm))
+                  if isinstance(p, str) and os.path.isfile(p)]
         provenance = [file_provenance(role, p) for role, p in
                       (("cube", opts.cube), ("bins", opts.bins), ("templates", opts.templates),
-                       ("losvd", opts.losvd)) if p]
+                       ("losvd", opts.losvd), *tables) if p]
+    if comm.Get_rank() == 0:          # the checks passed: say how much of the library is kept
+        lib, need = pop.pop("library_range"), np.exp(tem_edges[[0, -1]])
+        _LOG.info("templates: the library covers %.2f-%.2f A; only %.2f-%.2f A (the observed range plus the %g km/s "
+                  "velocity guard) is kept", lib[0], lib[1], need[0], need[1], vmax)
+    else:
+        pop.pop("library_range")
     return _Plan(info, obs_edges, cube_op, log_rebinned, tem_edges, templates, pop, vel, chunks, target,
-                 n_targets, n_members, dropped, ranges, block, agree(provenance, comm))
+                 n_targets, n_members, dropped, ranges, block, agree(provenance, comm), resolution)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +477,7 @@ def _write_small(f, plan: _Plan, opts: IngestOptions, comm) -> None:
     density = "per_angstrom" if opts.flux_density == "angstrom" else "per_lnlambda"
     combine = opts.bin_combine if opts.bins else "none"
     f[lay.DATACUBE].attrs.update({"units": info.bunit, "flux_density": density, "bin_combine": combine})
-    f[lay.TEMPLATES].attrs.update({"flux_density": density})
+    f[lay.TEMPLATES].attrs.update({"flux_density": density, **plan.resolution})
     if DATA_VAR in f:
         f[DATA_VAR].attrs.update({"units": info.stat_bunit, "bin_combine": combine,
                                   "propagation": "var_out = sum_i w_i^2 var_i (rebin); sum or mean/n^2 (bins)"})

@@ -5,28 +5,65 @@ with :class:`~cubefit_mpi.io.h5file.H5Manager` and lets each rank compute and wr
 spaxels (LOSVD and data cube) in collective rounds.  Per-spaxel values depend only on the seed
 and the spaxel index, so the file is byte-identical at any number of ranks.
 
+Templates: synthetic (``MockSpec.templates="synthetic"``) or a real library shipped with the
+package (``"miles"``: ``cubefit_mpi/data/miles_ssp_subset.npz``, 53 ages × 4 [M/H] of MILES,
+read by every rank with :func:`~cubefit_mpi.io.ingest_readers.read_templates`).
+
 Extra datasets: ``/Truth/x (C, P)``, ``/Truth/noise_sigma (S,)`` and the generating parameters
 as ``/Truth`` attributes; ``/Spaxels/xy (S, 2)``; ``/Populations/log_age`` and
-``/Populations/metallicity (P,)``; ``/Templates`` attribute ``pop_shape``.
+``/Populations/metallicity (P,)``; ``/Templates`` attribute ``pop_shape``.  With a library also
+``/Populations/norm (P,)`` (each template's mean before normalisation, library units) and
+``/Templates`` attributes ``library``, ``library.fwhm``, ``library.citation``, ``normalisation``.
+A noisy mock (``snr``) also has the data variance ``/DataVar (S, L)`` (``noise_sigma²`` on every
+pixel), as an ingested cube with a STAT extension.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 
 from ..io import layout as lay
 from ..io.blocks import write_block, write_owned_rows
 from ..io.h5file import open_h5
+from ..io.ingest_readers import read_templates
 from ..io.layout import H5Dims
 from ..io.manager import H5Manager
 from ..numerics.rebin import rebin_operator
-from ..numerics.synthetic_galaxy import MockModel, MockSpec, make_grids, spaxel_xy
+from ..numerics.synthetic_galaxy import DEFAULT_POPULATIONS, MockModel, MockSpec, make_grids, spaxel_xy
 from ..parallel.comm import get_comm
 from ..parallel.decomposition import block_range, padded_schedule, tile_bounds
 
 _LOG = logging.getLogger("cubefit_mpi.numerics.synthetic_galaxy")
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+LIBRARIES = {"miles": "miles_ssp_subset.npz"}      # name -> file in DATA_DIR (package data)
+
+
+def library_path(name: str) -> Path:
+    """The shipped template library ``name`` (see ``cubefit_mpi/data/README.md``).  Local."""
+    return DATA_DIR / LIBRARIES[name]
+
+
+@functools.lru_cache(maxsize=4)
+def load_library(name: str) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    """``lam (T0,)`` Å, ``flux (P, T0)`` per Å, ``pop_info`` and the ``/Templates`` attributes
+    (``library``, ``library.fwhm``, ``library.citation``) of a shipped library.  Local."""
+    path = library_path(name)
+    lam, flux, pop_info = read_templates(str(path))
+    with np.load(path) as z:
+        attrs = {"library": f"{name} ({path.name}, shipped with cubefit_mpi)",
+                 "library.fwhm": float(z["fwhm"]), "library.citation": str(z["citation"])}
+    return lam, flux, pop_info, attrs
+
+
+def default_populations(templates: str) -> int:
+    """P when ``--populations`` is not given: 24 synthetic ones, else all of the library.  Local."""
+    if templates == "synthetic":
+        return DEFAULT_POPULATIONS
+    return int(load_library(templates)[1].shape[0])
 
 
 def make_mock(path: str, spec: MockSpec, comm=None, *, rows_per_round: int = 256) -> dict:
@@ -38,7 +75,10 @@ def make_mock(path: str, spec: MockSpec, comm=None, *, rows_per_round: int = 256
     t0 = time.perf_counter()
     obs_pix, tem_pix, vel_pix = make_grids(spec)
     op = rebin_operator(tem_pix, obs_pix, "overlap")
-    model = MockModel.create(spec, op)
+    library, library_attrs = None, {}
+    if spec.templates != "synthetic":
+        *library, library_attrs = load_library(spec.templates)
+    model = MockModel.create(spec, op, library)
     dims = H5Dims(nSpat=spec.spaxels, nLSpec=obs_pix.size, nTSpec=tem_pix.size, nVel=vel_pix.size,
                   nComp=spec.components, nPop=spec.populations)
     mgr = H5Manager(path, tem_pix=tem_pix, obs_pix=obs_pix, comm=comm)
@@ -51,9 +91,14 @@ def make_mock(path: str, spec: MockSpec, comm=None, *, rows_per_round: int = 256
     with open_h5(path, "r+", comm) as f:
         losvd_dset, data_dset = f[lay.LOSVD], f[lay.DATACUBE]
         sigma_dset = f.create_dataset(f"{lay.TRUTH}/noise_sigma", shape=(spec.spaxels,), dtype="f8")
+        var_dset = None
+        if spec.snr is not None:
+            var_dset = f.create_dataset(lay.DATA_VAR, shape=(spec.spaxels, obs_pix.size), dtype="f8")
+            var_dset.attrs["definition"] = "variance of /DataCube: /Truth/noise_sigma**2 on every pixel (mock)"
+        dsets = (losvd_dset, data_dset, sigma_dset) + ((var_dset,) if var_dset is not None else ())
         for tile in padded_schedule(my_tiles, comm):
             if tile is None:
-                for dset in (losvd_dset, data_dset, sigma_dset):
+                for dset in dsets:
                     write_block(dset, None, None)
                 continue
             s0, s1 = tile
@@ -62,13 +107,20 @@ def make_mock(path: str, spec: MockSpec, comm=None, *, rows_per_round: int = 256
             write_block(losvd_dset, (s0, 0, 0), losvd)
             write_block(data_dset, (s0, 0), data)
             write_block(sigma_dset, (s0,), sigma)
+            if var_dset is not None:
+                write_block(var_dset, (s0, 0), np.repeat((sigma ** 2)[:, None], obs_pix.size, axis=1))
         truth = f.create_dataset(lay.TRUTH_X, shape=model.x_true.shape, dtype="f8")
         write_owned_rows(truth, model.x_true, comm)
         xy = f.create_dataset(lay.SPAXEL_XY, shape=(spec.spaxels, 2), dtype="f8")
         write_owned_rows(xy, spaxel_xy(spec.spaxels), comm)
-        for name in ("log_age", "metallicity"):
-            d = f.create_dataset(f"/Populations/{name}", shape=(spec.populations,), dtype="f8")
-            write_owned_rows(d, model.pop_info[name], comm)
+        for name in ("log_age", "metallicity", "norm"):
+            if name in model.pop_info:
+                d = f.create_dataset(f"/Populations/{name}", shape=(spec.populations,), dtype="f8")
+                write_owned_rows(d, model.pop_info[name], comm)
+        if library_attrs:
+            f[lay.TEMPLATES].attrs.update({**library_attrs, "normalisation": (
+                "each template divided by its mean over /TemPix (/Populations/norm): /Truth/x and /X_global are "
+                "light weights; x / norm are the library's (mass) weights")})
         group = f[lay.TRUTH]
         for key, value in spec.attrs().items():
             group.attrs[key] = value

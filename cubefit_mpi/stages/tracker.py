@@ -229,11 +229,13 @@ class FitTracker:
     minute) until the writer has created the sidecar; if it cannot, a warning is logged and the
     tracker is inactive -- tracking never stops a solve.  Every method is Local and never
     blocks on disk; use it as a context manager (an exception closes it as ``failed``).
-    ``path`` is the sidecar on the tracking rank, None elsewhere.
+    ``path`` is the sidecar on the tracking rank, None elsewhere.  With ``lazy=True`` the
+    sidecar is created at the first message, so a solve refused before its first step leaves
+    no sidecar behind.
     """
 
     def __init__(self, main_path, *, comm=None, method: str = "", n_params: int | None = None,
-                 enabled: bool = True):
+                 enabled: bool = True, lazy: bool = False):
         from ..parallel.comm import get_comm
 
         self.path: str | None = None
@@ -242,8 +244,18 @@ class FitTracker:
         self.n_params = None if n_params is None else int(n_params)
         self._calls = 0
         self._closed = False
+        self._pending = None
         if not enabled or get_comm(comm).Get_rank() != 0:
             return
+        self._pending = (main_path, method)
+        if not lazy:
+            self._start()
+
+    def _start(self) -> None:
+        if self._pending is None:
+            return
+        main_path, method = self._pending
+        self._pending = None
         knobs = get_knobs()
         self.stride = knobs.rmse_stride
         self.mode = "thread" if knobs.fittracker_start == "thread" else "process"
@@ -272,6 +284,11 @@ class FitTracker:
         """Process id of the writer process (None for a thread writer or an inactive tracker)."""
         return self._writer.pid if self.active else None
 
+    def _live(self) -> bool:
+        if self._pending is not None and not self._closed:
+            self._start()
+        return self.active
+
     def _put(self, msg: tuple) -> None:
         try:
             self._writer.queue.put_nowait(msg)
@@ -280,7 +297,7 @@ class FitTracker:
 
     def log_rmse(self, step: int, epoch: int, rmse: float) -> None:
         """Record an RMSE sample; only every ``CUBEFIT_RMSE_STRIDE``-th call is kept.  Local."""
-        if not self.active:
+        if not self._live():
             return
         call = self._calls
         self._calls += 1
@@ -289,7 +306,7 @@ class FitTracker:
 
     def progress(self, epoch: int, tiles_done: int, tiles_total: int) -> None:
         """Record progress (written as ``/progress`` attributes at the next flush).  Local."""
-        if self.active:
+        if self._live():
             self._put(("progress", int(epoch), int(tiles_done), int(tiles_total), time.time()))
 
     def snapshot(self, x, epoch: int, rmse: float) -> None:
@@ -297,7 +314,7 @@ class FitTracker:
 
         Raises ValueError when ``x`` does not have the tracker's length N.
         """
-        if not self.active:
+        if not self._live():
             return
         x = np.array(x, dtype=np.float64, copy=True).reshape(-1)
         if self.n_params is None:
@@ -311,6 +328,7 @@ class FitTracker:
 
         Waits for the writer to finish (at most 30 s); a dead writer is not waited for.
         """
+        self._pending = None                    # a lazy tracker that never started stays so
         if not self.active or self._closed:
             return
         self._closed = True

@@ -180,7 +180,7 @@ def _same(stored, wanted) -> bool:
 
 
 def ensure_lambda_weights(path, *, small: int = lw.DEFAULT_SMALL, large: int = lw.DEFAULT_LARGE,
-                          min_w: float | None = None, force: bool = False, comm=None,
+                          min_w: float = lw.DEFAULT_MIN_W, force: bool = False, comm=None,
                           features: str = "absorption") -> np.ndarray:
     """Build (or reuse) the λ-weights of ``path`` and return them on every rank.  Collective over comm.
 

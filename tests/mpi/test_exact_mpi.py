@@ -12,7 +12,7 @@ from cubefit_mpi.solvers.exact import solve_exact
 from cubefit_mpi.stages.build import build_hypercube
 from cubefit_mpi.stages.mock import make_mock
 
-pytestmark = pytest.mark.mpi(min_size=2)
+pytestmark = pytest.mark.mpi
 comm = MPI.COMM_WORLD
 
 

@@ -12,7 +12,7 @@ from cubefit_mpi.numerics.synthetic_galaxy import MockSpec
 from cubefit_mpi.parallel import collectives, decomposition
 from cubefit_mpi.stages.mock import make_mock
 
-pytestmark = pytest.mark.mpi(min_size=2)
+pytestmark = pytest.mark.mpi
 comm = MPI.COMM_WORLD
 
 
@@ -59,6 +59,7 @@ def test_reductions_in_float64():
     np.testing.assert_array_equal(b, np.arange(6.0).reshape(2, 3))
 
 
+@pytest.mark.mpi(min_size=2)
 def test_raise_if_any_raises_everywhere():
     from cubefit_mpi.config.errors import InputError
 
@@ -108,6 +109,7 @@ def test_populate_parallel_equals_serial(mpi_tmp_path):
             assert a[name].tobytes() == b[name].tobytes(), name
 
 
+@pytest.mark.mpi(min_size=2)
 def test_independent_read_by_one_rank_alone_and_gathers(mpi_tmp_path):
     path = mpi_tmp_path / "ind.h5"
     data = np.arange(6 * 5, dtype=np.float32).reshape(6, 5)

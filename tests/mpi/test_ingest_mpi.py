@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from ingest_fixtures import write_muse_like_inputs
 from mpi4py import MPI
+from mpi_helpers import assert_all
 
 from cubefit_mpi.config.errors import InputError
 from cubefit_mpi.stages.ingest import IngestOptions, run_ingest
 
-pytestmark = pytest.mark.mpi(min_size=2)
+pytestmark = pytest.mark.mpi
 comm = MPI.COMM_WORLD
 
 
@@ -38,27 +39,32 @@ def _inputs(path, **kw):
     return comm.bcast(fx, root=0)
 
 
-@pytest.mark.parametrize("binning", [None, "sum", "mean"])
-def test_same_bytes_as_one_rank(mpi_tmp_path, binning):
+@pytest.mark.parametrize("binning, resolution", [(None, None), ("sum", None), ("mean", None), (None, (3.0, 1.0))])
+def test_same_bytes_as_one_rank(mpi_tmp_path, binning, resolution):
     fx = _inputs(mpi_tmp_path / f"in_{binning}", binning=binning)
+    data_fwhm, template_fwhm = resolution or (None, None)
     opts = IngestOptions(cube=fx["cube"], templates=fx["templates"], losvd=fx["losvd"], bins=fx["bins"],
                          velscale=fx["velscale"], bin_combine=binning or "sum", mask_ranges=((4900.0, 4905.0),),
-                         rows_per_read=1)          # 6 slices: bins cross slice and rank boundaries
-    out = run_ingest(mpi_tmp_path / f"par_{binning}.h5", opts, comm)
-    assert out["dims"].S == (27 if binning is None else 9)
+                         rows_per_read=1,          # 6 slices: bins cross slice and rank boundaries
+                         data_fwhm=data_fwhm, template_fwhm=template_fwhm)
+    tag = f"{binning}_{resolution is not None}"
+    out = run_ingest(mpi_tmp_path / f"par_{tag}.h5", opts, comm)
+    problems = [] if out["dims"].S == (27 if binning is None else 9) else [f"S = {out['dims'].S}"]
     if comm.rank == 0:
-        run_ingest(mpi_tmp_path / f"ser_{binning}.h5", opts, MPI.COMM_SELF)
-        par, ser = _contents(mpi_tmp_path / f"par_{binning}.h5"), _contents(mpi_tmp_path / f"ser_{binning}.h5")
-        assert par.keys() == ser.keys() and "DataCube" in par and "DataVar" in par
-        for name in ser:
-            assert par[name] == ser[name], name
+        run_ingest(mpi_tmp_path / f"ser_{tag}.h5", opts, MPI.COMM_SELF)
+        par, ser = _contents(mpi_tmp_path / f"par_{tag}.h5"), _contents(mpi_tmp_path / f"ser_{tag}.h5")
+        if not (par.keys() == ser.keys() and "DataCube" in par and "DataVar" in par):
+            problems.append(f"datasets differ: {sorted(par.keys() ^ ser.keys())}")
+        if par["attrs:Templates"]["resolution.matched"] != np.asarray(resolution is not None).tobytes():
+            problems.append("resolution.matched")
+        problems += [f"{name} differs from 1 rank" for name in ser if par.get(name) != ser[name]]
         # the slice size changes the I/O pattern, not the numbers
-        run_ingest(mpi_tmp_path / f"big_{binning}.h5", IngestOptions(**{**opts.__dict__, "rows_per_read": 0}),
+        run_ingest(mpi_tmp_path / f"big_{tag}.h5", IngestOptions(**{**opts.__dict__, "rows_per_read": 0}),
                    MPI.COMM_SELF)
-        big = _contents(mpi_tmp_path / f"big_{binning}.h5")
-        for name in ("DataCube", "DataVar", "Mask", "LOSVD", "Templates"):
-            assert big[name] == ser[name], name
-    comm.Barrier()
+        big = _contents(mpi_tmp_path / f"big_{tag}.h5")
+        problems += [f"{name} depends on rows_per_read" for name in ("DataCube", "DataVar", "Mask", "LOSVD",
+                                                                     "Templates") if big[name] != ser[name]]
+    assert_all(not problems, "; ".join(problems))
 
 
 def test_bad_losvd_count_raises_everywhere_and_leaves_nothing(mpi_tmp_path):

@@ -13,7 +13,7 @@ from cubefit_mpi.solvers.kaczmarz.solver import solve_kaczmarz
 from cubefit_mpi.stages.build import build_hypercube
 from cubefit_mpi.stages.mock import make_mock
 
-pytestmark = pytest.mark.mpi(min_size=2)
+pytestmark = pytest.mark.mpi
 comm = MPI.COMM_WORLD
 NO_WEIGHTS = Knobs.from_env({"CUBEFIT_LAMBDA_WEIGHTS_ENABLE": "0"})
 

@@ -15,7 +15,7 @@ from cubefit_mpi.stages.mock import make_mock
 from cubefit_mpi.stages.plots import make_plots
 from cubefit_mpi.stages.recon import reconstruct
 
-pytestmark = pytest.mark.mpi(min_size=2)
+pytestmark = pytest.mark.mpi
 comm = MPI.COMM_WORLD
 
 

@@ -14,7 +14,7 @@ from cubefit_mpi.stages.mock import make_mock
 from cubefit_mpi.stages.tracker import FitTracker
 from cubefit_mpi.stages.weights import ensure_lambda_weights, median_spectrum, read_lambda_weights
 
-pytestmark = pytest.mark.mpi(min_size=2)
+pytestmark = pytest.mark.mpi
 comm = MPI.COMM_WORLD
 
 
@@ -49,6 +49,7 @@ def test_weights_identical_bits_at_any_rank_count(mpi_tmp_path):
     assert _same_everywhere(read_lambda_weights(par, comm=comm))
 
 
+@pytest.mark.mpi(min_size=2)
 def test_median_with_skipped_spaxels_and_a_rank_without_pixels(mpi_tmp_path):
     path = str(mpi_tmp_path / "tiny.h5")
     n_lam = comm.size - 1                                # the last rank owns no wavelength pixel
@@ -69,6 +70,7 @@ def test_median_with_skipped_spaxels_and_a_rank_without_pixels(mpi_tmp_path):
     assert _same_everywhere(median)
 
 
+@pytest.mark.mpi(min_size=2)
 def test_tracker_at_n_ranks_read_live_by_the_other_ranks(mpi_tmp_path, monkeypatch):
     for key, value in (("CUBEFIT_TRACKER_FLUSH_EVERY", "1"), ("CUBEFIT_TRACKER_FLUSH_SEC", "0.05"),
                        ("CUBEFIT_RMSE_STRIDE", "1"), ("FITTRACKER_START", "spawn")):
@@ -88,7 +90,8 @@ def test_tracker_at_n_ranks_read_live_by_the_other_ranks(mpi_tmp_path, monkeypat
             while MPI.Wtime() < deadline:
                 info = read_progress(sidecar)
                 snap = latest_snapshot(main, n_params=8)
-                if info["n_history"] == 3 * (epoch + 1) and snap is not None and snap[1] == epoch:
+                if (info["n_history"] == 3 * (epoch + 1) and info["epoch"] == epoch and snap is not None
+                        and snap[1] == epoch):             # wait for exactly what is asserted below
                     break
                 time.sleep(0.02)
             assert info["status"] == "running" and info["epoch"] == epoch

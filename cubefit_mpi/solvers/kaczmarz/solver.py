@@ -8,12 +8,12 @@ An epoch visits every S-tile (chunk-aligned spaxel blocks, hardest first = large
 data norm, ties by index) once, in *rounds*: in round ``r`` S-group ``g`` takes tile
 ``order[r·G + g]``.  For its tile a group
 
-1. reads ``/HyperCube/models`` for each rank's c-range (independent reads, the next tile read
+1. reads (:mod:`.tiles`) ``/HyperCube/models`` for each rank's c-range (independent reads, the next tile read
    ahead in a background thread while this one is worked on, see ``CUBEFIT_READ_AHEAD``; the
    √w-weighted ``/DataCube`` is held in memory) and forms ``R_w = √w (y − A x)`` (Allreduce over
    the group).  The band's products are float32 BLAS passes over the blocks as read
    (:class:`~.band_design.BandDesign`); column energies are computed on the first visit and kept;
-2. runs :func:`~.kaczmarz_steps.band_step` on every logical band (preconditioning, freezing,
+2. runs :func:`~.steps.band_step` on every logical band (preconditioning, freezing,
    projection, trust region, band backtracking, polish candidates);
 3. sums the bands' ΔR (Allreduce over the group), applies the global step cap
    ``√(Σ dx² E) ≤ GLOBAL_TAU·‖Y‖`` and tile-level backtracking: one α per tile;
@@ -32,24 +32,23 @@ number of ranks holding the same ``c_bands`` (to rounding).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 
 import numpy as np
 
 from ...config.errors import InputError
 from ...config.knobs import get_knobs
+from ...config.options import keyword_checked
 from ...io import layout as lay
-from ...io.h5file import open_h5, open_uncached
-from ...io.read_ahead import ReadAhead
+from ...io.h5file import open_h5
+from ...io.hypercube_state import ENERGY_STALE
 from ...parallel.collectives import allgather_array, allreduce_sum, bcast_array, gather_rows
-from ...parallel.comm import get_comm, mpi, ranks_on_node
-from ...parallel.decomposition import block_range
+from ...parallel.comm import get_comm, mpi
 from ...parallel.threads import matvec_blas_threads
 from . import steps as ks
-from .band_design import BandDesign
+from .grid import Grid
+from .tiles import FactoredTiles, HypercubeTiles, Tile
 from .inputs import check_options, initial_x, load_data, read_x_global, write_solution
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
@@ -57,184 +56,33 @@ DEFAULT_ORBIT_STRENGTH = 0.1
 COUNTERS = ("tiles", "band_steps", "band_rejected", "band_bt_shrinks", "trust_clipped", "frozen_columns",
             "tile_rejected", "tile_bt_shrinks", "global_capped", "polish_calls", "polish_accepts",
             "polish_skipped", "sanitised_A", "sanitised_R", "round_bt_shrinks", "rounds_rejected")
-ENERGY_CACHE_BYTES = 256 * 2**20     # per rank: the column energies of every (tile, band) it holds
-
-
-# ---------------------------------------------------------------------------------------------
-# the rank grid
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Grid:
-    """S-groups × c-bands over ``comm``: this rank's group, the logical bands and its own bands.
-
-    ``bands`` lists every logical band ``(c0, c1)``; ``my_bands`` indexes those of this rank,
-    whose union ``c_lo:c_hi`` it reads.  Built collectively by :meth:`make`.
-    """
-
-    comm: object
-    group_comm: object
-    n_groups: int
-    group: int
-    bands: list
-    my_bands: list
-
-    def __post_init__(self):
-        self.group_rank = self.group_comm.Get_rank()
-        self.leader = self.group_rank == 0
-        self.c_lo = self.bands[self.my_bands[0]][0] if self.my_bands else 0
-        self.c_hi = self.bands[self.my_bands[-1]][1] if self.my_bands else 0
-
-    @classmethod
-    def make(cls, comm, n_comp: int, c_bands: int | None) -> "Grid":
-        """Split ``comm`` into S-groups of ``min(c_bands, size)`` ranks.  Collective over comm."""
-        size, rank = comm.Get_size(), comm.Get_rank()
-        n_bands = min(size, n_comp) if c_bands is None else int(c_bands)
-        per_group = min(n_bands, size)
-        n_groups = -(-size // per_group)
-        group = rank // per_group
-        group_comm = comm.Split(group, rank) if size > 1 else comm
-        bands = [block_range(n_comp, n_bands, i) for i in range(n_bands)]
-        b0, b1 = block_range(n_bands, group_comm.Get_size(), group_comm.Get_rank())
-        return cls(comm, group_comm, n_groups, group, bands, list(range(b0, b1)))
-
-    @property
-    def max_bands_per_rank(self) -> int:
-        return -(-len(self.bands) // self.group_comm.Get_size())
-
-    def column_splits(self, P: int) -> np.ndarray:
-        """Column boundaries ``(group size + 1,)``: group rank r holds columns ``[splits[r], splits[r+1])``.  Local."""
-        size, n_bands = self.group_comm.Get_size(), len(self.bands)      # size <= n_bands: no rank is empty
-        starts = [self.bands[block_range(n_bands, size, r)[0]][0] * P for r in range(size)]
-        return np.asarray(starts + [self.bands[-1][1] * P], dtype=np.int64)
-
-    def free(self) -> None:
-        if self.group_comm is not self.comm:
-            self.group_comm.Free()
 
 
 # ---------------------------------------------------------------------------------------------
 # the solver state and one round
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class Tile:
-    """What a group holds of one S-tile: this rank's band designs and the weighted data.
-
-    Rows are ``(spaxel, λ)`` over all ``L`` pixels; masked pixels have ``√w = 0`` so that
-    their rows of ``y_w`` and of every design product are zero.
-    """
-
-    index: int
-    n_spaxels: int
-    designs: dict          # band -> BandDesign
-    y_w: np.ndarray        # (n_spaxels * L,) float64
-    sum_w: float           # n_spaxels * Σ_used w
-
-
 class _Run:
     """Everything one solve needs while the file is open.  Methods are collective as noted."""
 
     def __init__(self, f, inputs, grid: Grid, knobs, cfg: ks.StepConfig, col_energy, data_w, y_norm,
                  targets, eta):
-        self.models = open_uncached(f, lay.MODELS)      # each tile is read once per epoch
-        self.planned, self.reader, self.n_read = [], None, 0
-        # a reader thread needs a core of its own: with every core running a rank it made an epoch
-        # 10-20 % slower here (2 ranks on 2 cores); with a spare core it hides the reads (1 rank:
-        # 0.30 -> 0.20 s per epoch, S=500 C=3 P=100 L=1500)
-        spare_core = ranks_on_node(grid.comm) < (os.cpu_count() or 1)
-        self.read_ahead = knobs.read_ahead == "1" or (knobs.read_ahead == "auto" and spare_core)
         self.inp, self.grid, self.knobs, self.cfg = inputs, grid, knobs, cfg
         self.P = inputs.P
         self.col_energy = col_energy.reshape(-1)
         w = inputs.weights
         self.w_mean = 1.0 if w is None else float(np.mean(w[inputs.mask]))
-        self.sqrt_w_full = np.zeros(inputs.L)
-        self.sqrt_w_full[inputs.mask] = inputs.sqrt_w
         self.used = np.flatnonzero(inputs.mask)
         self.n_used = int(self.used.size)
-        self.data_w = data_w                              # (S, L) √w-weighted, zero on masked pixels
         self.y_norm, self.targets, self.eta = y_norm, targets, eta
         self.counts: dict[str, float] = defaultdict(float)   # summed over ranks at the end
         self.maxima: dict[str, float] = defaultdict(float)
         self.group_tiles = 0
-        # column energies per (tile, band) do not change between epochs: kept up to a budget
-        n_mine = sum(self.cols(b).stop - self.cols(b).start for b in grid.my_bands)
-        self.energy_cache: dict = {} if n_mine * len(inputs.s_tiles) * 8 <= ENERGY_CACHE_BYTES else None
-        self.checked: set = set()                           # (tile, band) read at least once
-        self.dirty: set = set()                             # (tile, band) with non-finite values
+        self.tiles = (FactoredTiles(f, inputs, grid, cfg, data_w, self.counts) if inputs.operator.kind == "factored"
+                      else HypercubeTiles(f, inputs, grid, knobs, cfg, data_w, self.counts))
 
     def cols(self, band: int) -> slice:
         c0, c1 = self.grid.bands[band]
         return slice(c0 * self.P, c1 * self.P)
-
-    # --- reading ------------------------------------------------------------------------------
-    def plan_reads(self, order: list, epochs: int) -> None:
-        """Start reading ahead this group's tiles: every epoch, then the objective pass.  Local.
-
-        The reads are independent (no rank waits for another's) and each is made in a
-        background thread while the previous tile is worked on (``CUBEFIT_READ_AHEAD``).
-        """
-        g, inp = self.grid, self.inp
-        G = g.n_groups
-        mine = [order[i] if i < len(order) else None for i in range(g.group, -(-len(order) // G) * G, G)]
-        self.planned = mine * int(epochs) + mine
-        requests = [None if t is None or not g.my_bands else
-                    ((inp.s_tiles[t][0], g.c_lo, 0, 0), (inp.s_tiles[t][1] - inp.s_tiles[t][0], g.c_hi - g.c_lo,
-                                                         self.P, inp.L)) for t in self.planned]
-        self.reader = ReadAhead(self.models, requests, enabled=self.read_ahead)
-
-    def close(self) -> None:
-        """Stop reading ahead.  Local."""
-        if self.reader is not None:
-            self.reader.close()
-
-    def read_tile(self, tile, count: bool = True) -> Tile | None:
-        """This rank's band designs of ``tile`` and its weighted data (None: nothing).  Local.
-
-        ``tile`` must be the next one :meth:`plan_reads` planned.  A band's design is the block
-        as read (float32), sanitised in place when its column energy shows non-finite values;
-        ``count`` adds what was sanitised to the stats.  The block stays valid until the next
-        call but one.
-        """
-        g, inp = self.grid, self.inp
-        if self.n_read >= len(self.planned) or self.planned[self.n_read] != tile:
-            raise RuntimeError(f"kaczmarz: tile {tile} read out of the planned order")
-        self.n_read += 1
-        a = self.reader.next()
-        if tile is None:
-            return None
-        s0, s1 = inp.s_tiles[tile]
-        ns = s1 - s0
-        designs = {}
-        for b in g.my_bands:
-            c0, c1 = g.bands[b]
-            design = BandDesign(a[:, c0 - g.c_lo:c1 - g.c_lo].reshape(ns, (c1 - c0) * self.P, inp.L),
-                                self.sqrt_w_full)
-            key = (tile, b)
-            if key not in self.checked:                    # first read: the energy finds non-finite values
-                self.checked.add(key)
-                energy = design.energy()
-                if not np.all(np.isfinite(energy)):
-                    self.dirty.add(key)
-                elif self.energy_cache is not None:
-                    self.energy_cache[key] = self._with_frozen(energy)
-            if key in self.dirty:                          # sanitised on every read
-                bad = design.sanitize(self.used)
-                self.counts["sanitised_A"] += bad if count else 0
-            designs[b] = design
-        return Tile(tile, ns, designs, self.data_w[s0:s1].reshape(-1), ns * float(np.sum(self.sqrt_w_full ** 2)))
-
-    def energy(self, tile: Tile, band: int) -> tuple[np.ndarray, np.ndarray]:
-        """Column energy ``Σ (√w A_j)²`` of ``band`` on ``tile`` and its frozen columns (cached between epochs).  Local."""
-        key = (tile.index, band)
-        cached = None if self.energy_cache is None else self.energy_cache.get(key)
-        if cached is None:
-            cached = self._with_frozen(tile.designs[band].energy())
-            if self.energy_cache is not None:
-                self.energy_cache[key] = cached
-        return cached
-
-    def _with_frozen(self, energy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return energy, ks.freeze_mask(energy, self.cfg.zero_col_rel, self.cfg.zero_col_abs)
 
     def apply(self, tile: Tile, xs: np.ndarray, precise: bool = False) -> np.ndarray:
         """Weighted model ``√w A x (k, rows)`` of the tile for each row of ``xs (k, N)``.  Collective over the group."""
@@ -261,7 +109,7 @@ class _Run:
         energy_step = 0.0
         for b, design in tile.designs.items():
             cols = self.cols(b)
-            energy, frozen = self.energy(tile, b)
+            energy, frozen = self.tiles.energy(tile, b)
             st = ks.band_step(design, r_w, x[cols], self.col_energy[cols] * share, cfg, energy=energy, frozen=frozen)
             steps[b] = st
             dr += st.dr_w
@@ -367,7 +215,7 @@ class _Run:
         tile = tiles[g.group]
         watched = ("sanitised_A", "sanitised_R", "frozen_columns")
         before = [self.counts[k] for k in watched]
-        held = self.read_tile(tile)
+        held = self.tiles.read(tile)
         dx_g, local = np.zeros_like(x), None
         if held is not None:
             r_w = self.residual(held, x)
@@ -429,7 +277,7 @@ class _Run:
         total = np.zeros(xs.shape[0])
         for r in range(-(-len(order) // g.n_groups)):
             i = r * g.n_groups + g.group
-            held = self.read_tile(order[i] if i < len(order) else None, count=False)
+            held = self.tiles.read(order[i] if i < len(order) else None, count=False)
             if held is None:
                 continue
             resid = held.y_w[None, :] - self.apply(held, xs, precise=True)
@@ -441,10 +289,12 @@ class _Run:
 # ---------------------------------------------------------------------------------------------
 # the entry point
 # ---------------------------------------------------------------------------------------------
-def solve_kaczmarz(path, *, epochs: int = 1, lr: float = 1.0, project_nonneg: bool = True,
-                   orbit_weights=None, orbit_strength: float | None = None, warm_start="zeros",
+@keyword_checked
+def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bool = True,
+                   orbit_weights=None, orbit_strength: float | None = None, warm_start: str = "zeros",
                    x0=None, tracker=None, comm=None, knobs=None, c_bands: int | None = None,
-                   decorrelate: float = 0.0, use_weights: bool = True, **ignored) -> tuple[np.ndarray, dict]:
+                   decorrelate: float = 0.0, use_weights: bool = True, operator: str = "auto",
+                   norm_mode: str | None = None, amp_mode: str | None = None) -> tuple[np.ndarray, dict]:
     """The spec's batched Kaczmarz solve of ``path``; writes ``/X_global``.  Collective over comm.
 
     Parameters
@@ -464,6 +314,10 @@ def solve_kaczmarz(path, *, epochs: int = 1, lr: float = 1.0, project_nonneg: bo
     c_bands : int, logical c-bands (default ``min(ranks, C)``)
     decorrelate : float in [0, 1], η of the de-correlation nudge (0 = off)
     use_weights : bool, use the λ-weights (also off when ``CUBEFIT_LAMBDA_WEIGHTS_ENABLE=0``)
+    operator : "auto" | "factored" | "hypercube", where the tiles come from (factored: made by
+        GEMM from the factors, no hypercube needed; auto reads a usable stored hypercube, else
+        uses the factors; see :mod:`cubefit_mpi.operators.select`)
+    norm_mode, amp_mode : the normalisation of factored models of a file without a hypercube
 
     Returns
     -------
@@ -477,7 +331,9 @@ def solve_kaczmarz(path, *, epochs: int = 1, lr: float = 1.0, project_nonneg: bo
     t0 = time.perf_counter()
     knobs = get_knobs() if knobs is None else knobs
     rank0 = comm.Get_rank() == 0
-    inputs = load_solve_inputs(path, use_weights=use_weights and knobs.lambda_weights_enable, comm=comm)
+    inputs = load_solve_inputs(path, use_weights=use_weights and knobs.lambda_weights_enable, operator=operator,
+                               norm_mode=norm_mode, amp_mode=amp_mode, prefer_stored=True, comm=comm)
+    inputs.s_tiles = inputs.operator.step_tiles
     C, P, n = inputs.C, inputs.P, inputs.n_params
     check_options(epochs, lr, c_bands, C, orbit_strength, decorrelate)
     if not inputs.mask.any():
@@ -486,8 +342,6 @@ def solve_kaczmarz(path, *, epochs: int = 1, lr: float = 1.0, project_nonneg: bo
     eta = 0.0 if targets is None else (DEFAULT_ORBIT_STRENGTH if orbit_strength is None else float(orbit_strength))
     if targets is not None and eta == 0.0 and rank0:
         _LOG.warning("orbit weights given with orbit_strength=0: no ratio step is made")
-    if ignored and rank0:
-        _LOG.info("kaczmarz: options ignored: %s", ", ".join(sorted(ignored)))
     if inputs.weights is not None and rank0:
         from ...numerics.lambda_weights import weights_banner
 
@@ -501,11 +355,8 @@ def solve_kaczmarz(path, *, epochs: int = 1, lr: float = 1.0, project_nonneg: bo
     polish_enabled = knobs.nnls_enable and project_nonneg and knobs.nnls_prop_per_band > 0
     history = {k: [] for k in ("epoch", "round", "tile", "group", "rmse_before", "rmse", "sum_w")}
     try:
+        col_energy = _column_energy(path, inputs, comm)
         with open_h5(path, "r", comm) as f, matvec_blas_threads(knobs.blas_threads):
-            if lay.COL_ENERGY not in f or f[lay.COL_ENERGY].shape != (C, P):
-                raise InputError(f"{lay.COL_ENERGY}: expected a ({C}, {P}) dataset; rebuild it with "
-                                 f"`cubefit_mpi energy {path}`")
-            col_energy = np.nan_to_num(np.asarray(f[lay.COL_ENERGY][...], dtype=np.float64))
             data_w, weighted_norms, y_norm = load_data(f, inputs, comm)
             order = sorted(range(len(inputs.s_tiles)), key=lambda t: (-weighted_norms[t], t))
             run = _Run(f, inputs, grid, knobs, cfg, col_energy, data_w, y_norm, targets, eta)
@@ -513,19 +364,19 @@ def solve_kaczmarz(path, *, epochs: int = 1, lr: float = 1.0, project_nonneg: bo
                 _LOG.info("kaczmarz: N=%d (C=%d, P=%d), %d S-tiles, %d S-group(s) x %d c-band(s) on %d rank(s), "
                           "%d epoch(s), lr=%g, start=%s, knobs %s", n, C, P, len(order), grid.n_groups,
                           len(grid.bands), comm.Get_size(), epochs, lr, start, knobs.differing_from_defaults())
-            run.plan_reads(order, int(epochs))
+            run.tiles.plan(order, int(epochs))
             try:
                 x, objectives, epoch_seconds = _iterate(run, x, x_ref, order, int(epochs), polish_enabled, history,
                                                         tracker)
             finally:
-                run.close()
+                run.tiles.close()
     finally:
         grid.free()
     stats = _finish_stats(run, comm, history, objectives, weighted_norms, x, x_ref, C, P)
-    stats.update(method="kaczmarz", epochs=int(epochs), lr=float(lr), n_params=n, c_bands=len(grid.bands),
+    stats.update(method="kaczmarz", operator=inputs.operator.kind, epochs=int(epochs), lr=float(lr), n_params=n, c_bands=len(grid.bands),
                  s_groups=grid.n_groups, n_ranks=comm.Get_size(), warm_start=start, orbit_strength=eta,
                  decorrelate=float(decorrelate), seconds=time.perf_counter() - t0,
-                 epoch_seconds=np.asarray(epoch_seconds), read_ahead=bool(run.reader.threaded))
+                 epoch_seconds=np.asarray(epoch_seconds), read_ahead=run.tiles.threaded)
     write_solution(path, x, stats, knobs, comm)
     if rank0:
         _LOG.info("kaczmarz done: objective %.10g (1/2 chi2), %d tile steps, polish %d/%d accepted%s, %.1fs",
@@ -533,6 +384,22 @@ def solve_kaczmarz(path, *, epochs: int = 1, lr: float = 1.0, project_nonneg: bo
                   "" if "gap_rel" not in stats else f", gap to the exact optimum {stats['gap_rel']:.3g} "
                   f"(relative to the decrease from x=0)", stats["seconds"])
     return x, stats
+
+
+def _column_energy(path, inputs, comm) -> np.ndarray:
+    """``E[c, p] = Σ_{s, λ∈mask} A²``: ``/HyperCube/col_energy`` for the hypercube, from the factors
+    otherwise.  Collective over comm."""
+    C, P = inputs.C, inputs.P
+    if inputs.operator.kind == "factored":
+        return inputs.operator.column_energy(inputs.mask, comm)
+    with open_h5(path, "r", comm) as f:
+        if lay.COL_ENERGY not in f or f[lay.COL_ENERGY].shape != (C, P):
+            raise InputError(f"{lay.COL_ENERGY}: expected a ({C}, {P}) dataset; rebuild it with "
+                             f"`cubefit_mpi energy {path}`")
+        if bool(f[lay.COL_ENERGY].attrs.get(ENERGY_STALE, False)):
+            raise InputError(f"{lay.COL_ENERGY}: stale (the models changed since it was computed); "
+                             f"recompute it with `cubefit_mpi energy {path}`")
+        return np.nan_to_num(np.asarray(f[lay.COL_ENERGY][...], dtype=np.float64))
 
 
 def _iterate(run: _Run, x, x_ref, order: list, epochs: int, polish_enabled: bool, history: dict, tracker):
