@@ -2,8 +2,9 @@
 
 1. One streaming pass forms G = AᵀWA, b = AᵀWy, yᵀWy (float64) per rank, reduced to rank 0,
    and cached under ``/Solve`` with provenance attributes (a stale cache is detected and rebuilt).
-2. Rank 0 adds the optional quadratic terms (ridge, smoothness, orbit weights) and runs the
-   active-set NNLS on (G, b); x is broadcast.
+2. Rank 0 adds the optional quadratic terms (ridge, smoothness, orbit weights) to G in place and
+   runs the exact NNLS on (G, b) (:mod:`.root_nnls`: Lawson–Hanson or block pivoting,
+   ``CUBEFIT_NNLS_GRAM_METHOD``); x is broadcast.
 3. The certificate is computed independently of the solver; χ² is recomputed by a separate
    residual pass over the hypercube and compared with yᵀWy − 2bᵀx + xᵀGx.
 
@@ -24,14 +25,12 @@ from ..config.options import check_number, keyword_checked
 from ..io import layout as lay
 from ..io.blocks import write_block
 from ..io.h5file import open_h5
-from ..numerics.certificate import certificate_dict, certify
-from ..numerics.nnls import nnls_gram
 from ..numerics.regularization import Regularization
-from ..parallel.collectives import bcast_array
 from ..parallel.comm import get_comm
 from ..parallel.comm import ranks_on_node
 from .limits import gram_budget_for, node_memory_bytes
 from .gram import SolveInputs, load_solve_inputs, normal_equations, residual_chi2
+from .root_nnls import check_nnls_memory, solve_on_root
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
 GRAM = "/Solve/gram"
@@ -219,6 +218,7 @@ def _solve(method: str, inputs: SolveInputs, reg: Regularization, *, budget: int
 
         x, info = solve_working_set(inputs, reg, budget=budget, tol=tol, comm=comm)
         return x, dict(info)
+    check_nnls_memory(inputs.n_params, comm)
     system = gram_system(inputs, use_cache=use_cache, comm=comm)
     t_solve = time.perf_counter()
     x, info = _solve_on_root(system, reg, tol, comm)
@@ -268,22 +268,11 @@ def population_shape(path: str, n_pop: int, comm) -> tuple:
 
 
 def _solve_on_root(system: dict, reg: Regularization, tol: float, comm) -> tuple[np.ndarray, dict]:
-    """Rank 0 solves the (regularised) system; x and the summary are broadcast.  Collective."""
-    info = None
-    x = None
-    if comm.Get_rank() == 0:
-        gram, rhs = system["gram"], system["rhs"]
-        total = gram + reg.dense() if reg.active else gram
-        result = nnls_gram(total, rhs, tol=tol)
-        x = result.x
-        cert = certify(total, rhs, x)
-        curvature = float(x @ (gram @ x))
-        info = {"iterations": result.iterations, "converged": result.converged, "active_set": result.passive_size,
-                "message": result.message, "yy": system["yy"],
-                "chi2_formula": system["yy"] - 2.0 * float(system["rhs"] @ x) + curvature,
-                "objective": cert.objective + 0.5 * system["yy"], **certificate_dict(cert)}
-    x = bcast_array(x, comm)
-    info = comm.bcast(info, root=0)
+    """Rank 0 solves the (regularised) system (:func:`.root_nnls.solve_on_root`); x and the summary
+    are broadcast.  Collective."""
+    x, info = solve_on_root(system["gram"], system["rhs"], reg, tol=tol, comm=comm)
+    info.update(yy=system["yy"], objective=info["objective"] + 0.5 * system["yy"],
+                chi2_formula=system["yy"] - 2.0 * float(system["rhs"] @ x) + info.pop("curvature"))
     return x, info
 
 

@@ -31,13 +31,13 @@ from ..io.datasets import allocated_now, staged_dataset
 from ..io.h5file import open_h5
 from ..numerics import bootstrap as bs
 from ..numerics.digest import array_digest
-from ..numerics.nnls import nnls_gram
 from ..numerics.regularization import Regularization
 from ..parallel.collectives import allreduce_sum, bcast_array
 from ..parallel.comm import get_comm
 from ..parallel.decomposition import padded_schedule
 from .exact import ORBIT_WEIGHTS, gram_system, population_shape
 from .gram import load_solve_inputs
+from .root_nnls import exact_nnls
 
 _LOG = logging.getLogger("cubefit_mpi.uncertainty")
 GROUP, REPLICATES, DONE = lay.UNCERTAINTY, lay.UNCERTAINTY_REPLICATES, lay.UNCERTAINTY_DONE
@@ -103,7 +103,7 @@ def bootstrap_uncertainty(path: str, *, replicates: int = 100, method: str = "wi
         rows = {}
         for j, r in enumerate(todo):
             if j % comm.Get_size() == comm.Get_rank():
-                rows[r] = nnls_gram(total, g_hat + delta[j], x0=x_hat).x
+                rows[r] = exact_nnls(total, g_hat + delta[j], reg, x0=x_hat).result.x
         t_solve += time.perf_counter() - t2
         t_pass += t2 - t1
         _write_rows(path, rows, todo, comm)
