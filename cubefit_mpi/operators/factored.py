@@ -27,14 +27,16 @@ from ..io.h5file import open_h5
 from ..io.model_inputs import ModelInputs
 from ..numerics import factored as fa
 from ..numerics.digest import array_digest
+from ..numerics import polynomials as pl
 from ..numerics.kernels import unit_kernels
 from ..parallel.collectives import allreduce_sum, reduce_sum, reduce_upper_to_root
 from ..parallel.decomposition import block_range, padded_schedule, tile_bounds
 from ..parallel.timers import PhaseTimer
-from .base import Operator, Weighting
+from .base import Operator, Weighting, weigh_spectrum
 
 TILE_BYTES = 64 * 2**20          # per-tile temporaries of a pass (κ, projections, spectra)
 BLOCK_BYTES = 128 * 2**20        # temporaries of one (p-block, p'-block) contraction
+MULT_ROUTE = "auto"              # per-spectrum weights: "auto" (fewer operations), "factored" or "spaxel"
 
 
 class FactoredOperator(Operator):
@@ -105,9 +107,15 @@ class FactoredOperator(Operator):
         return self.m_total
 
     # --- the passes ----------------------------------------------------------------------------
+    def weighted_basis(self, weighting: Weighting, project: bool = True) -> np.ndarray:
+        """``B_w (K, P, L_used)``, with the additive span projected off when ``project`` (the same
+        for every spectrum when there are no multiplicative polynomials).  Local."""
+        basis_w = fa.weighted_basis(self.basis, weighting.sqrt_w, weighting.used)
+        return weighting.project(basis_w) if project else basis_w
+
     def _data_pass(self, weighting: Weighting, comm, timer: PhaseTimer) -> tuple[np.ndarray, float]:
         """One pass: M (kept), b (N,) and yᵀWy, summed over ranks.  Collective over comm."""
-        basis_w = fa.weighted_basis(self.basis, weighting.sqrt_w, weighting.used)
+        basis_w = self.weighted_basis(weighting)
         m = np.zeros((self.C * self.K,) * 2)
         rhs = np.zeros((self.C, self.P))
         yy = 0.0
@@ -115,7 +123,7 @@ class FactoredOperator(Operator):
             if tile is None:
                 continue
             with timer.phase("compute"):
-                y_w = y[:, weighting.used] * weighting.sqrt_w
+                y_w = weighting.project(y[:, weighting.used] * weighting.sqrt_w)
                 m += fa.kappa_gram(kappa)
                 rhs += fa.rhs_contribution(kappa, fa.projections(basis_w, y_w))
                 yy += float(np.sum(y_w * y_w))
@@ -130,40 +138,132 @@ class FactoredOperator(Operator):
         per_pair = 8 * 3 * (self.K * self.K + self.C * self.C)
         return int(max(1, min(self.P, np.sqrt(BLOCK_BYTES / per_pair))))
 
+    def mult_route(self, weighting: Weighting) -> str:
+        """How normal equations with per-spectrum weights are made: ``"factored"`` (Φ's of the
+        squared multiplicative polynomials' terms) or ``"spaxel"`` (every spaxel's design from the
+        factors), the one with fewer operations unless :data:`MULT_ROUTE` says.  Local (sizes only:
+        the same on every rank)."""
+        if MULT_ROUTE != "auto":
+            return MULT_ROUTE
+        n_basis = (weighting.add_degree + 1) + (weighting.mult_degree if weighting.tangent is not None else 0)
+        factored, spaxel = fa.mult_route_costs(self.S, self.C, self.K, self.P, weighting.used.size,
+                                               2 * weighting.mult_degree + 1, n_basis)
+        return "factored" if factored <= spaxel else "spaxel"
+
     def normal_equations(self, weighting: Weighting, comm) -> dict:
+        if weighting.per_spectrum and self.mult_route(weighting) == "spaxel":
+            return super().normal_equations(weighting, comm)
         t0 = time.perf_counter()
         timer = PhaseTimer()
-        rhs, yy = self._data_pass(weighting, comm, timer)
-        basis_w = fa.weighted_basis(self.basis, weighting.sqrt_w, weighting.used)
         C, P = self.C, self.P
+        partial = np.zeros((C, P, C, P))
+        if weighting.per_spectrum:
+            rhs, yy, m_terms = self._mult_data_pass(weighting, comm, timer, partial.reshape(C * P, C * P))
+            basis_w = self.weighted_basis(weighting, project=False)
+            pixel_weights = pl.legendre_basis(self.L, 2 * weighting.mult_degree)[weighting.used].T
+            m_terms = np.stack([fa.m_for_contraction(m, C, self.K) for m in m_terms])
+        else:
+            rhs, yy = self._data_pass(weighting, comm, timer)
+            basis_w = self.weighted_basis(weighting)
+            m_terms, pixel_weights = fa.m_for_contraction(self.m_total, C, self.K)[None], None
         with timer.phase("compute"):
-            m_cc = fa.m_for_contraction(self.m_total, C, self.K)
             blocks = fa.population_blocks(P, self.population_block())
             pairs = [(a, b) for i, a in enumerate(blocks) for b in blocks[i:]]
             lo, hi = block_range(len(pairs), comm.Get_size(), comm.Get_rank())
-            partial = np.zeros((C, P, C, P))
             for pa, pb in pairs[lo:hi]:
-                block = fa.gram_block(m_cc, basis_w, pa, pb)
-                partial[:, pa[0]:pa[1], :, pb[0]:pb[1]] = block
+                if pixel_weights is None:
+                    block = fa.gram_block(m_terms[0], basis_w, pa, pb)
+                else:
+                    block = fa.weighted_gram_block(m_terms, basis_w, pixel_weights, pa, pb)
+                partial[:, pa[0]:pa[1], :, pb[0]:pb[1]] += block
                 if pa != pb:
-                    partial[:, pb[0]:pb[1], :, pa[0]:pa[1]] = block.transpose(2, 3, 0, 1)
+                    partial[:, pb[0]:pb[1], :, pa[0]:pa[1]] += block.transpose(2, 3, 0, 1)
         t_pass = time.perf_counter() - t0
         with timer.phase("comm"):
             gram = reduce_upper_to_root(partial.reshape(C * P, C * P), comm)
         del partial
-        diag = fa.gram_diagonal(self.m_total, basis_w).reshape(-1)
+        if weighting.per_spectrum:
+            diag = comm.bcast(None if gram is None else gram.diagonal().copy(), root=0)
+        else:
+            diag = fa.gram_diagonal(self.m_total, basis_w).reshape(-1)
         return {"gram": gram, "rhs": rhs, "yy": yy, "diag": diag, "pass_seconds": t_pass,
                 "reduce_seconds": time.perf_counter() - t0 - t_pass, "phases": dict(timer.seconds),
                 "phases_by_rank": timer.by_rank(comm), "population_block": int(blocks[0][1] - blocks[0][0])}
 
+    def _mult_data_pass(self, weighting: Weighting, comm, timer: PhaseTimer, correction: np.ndarray):
+        """The pass of the factored normal equations with multiplicative polynomials.  Collective over comm.
+
+        Returns b (N,), yᵀWy and ``M_j = Σ_s h_sj κ_s κ_sᵀ`` (J, C·K, C·K) for the Legendre
+        terms of ``g_s²`` (summed over ranks); subtracts this rank's spectra's projections
+        ``Σ_s Y_s Y_sᵀ`` (``Y_s = A_wsᵀ diag(g_s) V_s``, :meth:`Weighting.bases`) from ``correction``.
+        """
+        used, sqrt_w = weighting.used, weighting.sqrt_w
+        basis_w = self.weighted_basis(weighting, project=False)
+        CK, N = self.C * self.K, self.n_params
+        m = np.zeros((2 * weighting.mult_degree + 1, CK, CK))
+        rhs = np.zeros((self.C, self.P))
+        yy = 0.0
+        for tile, kappa, y in self._pass(comm, need_data=True, timer=timer):
+            if tile is None:
+                continue
+            s0, s1 = tile
+            with timer.phase("compute"):
+                flat = kappa.reshape(s1 - s0, CK)
+                for j, h in enumerate(pl.square_coefficients(weighting.mult[s0:s1]).T):
+                    m[j] += (flat * h[:, None]).T @ flat
+                g, bases = weighting.factors(s0, s1), weighting.bases(s0, s1)
+                y_w = y[:, used] * sqrt_w
+                if bases is not None:
+                    y_w = y_w - np.einsum("nlk,nk->nl", bases, np.einsum("nlk,nl->nk", bases, y_w))
+                rhs += fa.rhs_contribution(kappa, fa.projections(basis_w, g * y_w))
+                yy += float(np.sum(y_w * y_w))
+                if bases is None or not bases.shape[2]:
+                    continue
+                step = int(max(1, TILE_BYTES // (8 * max(self.K * self.P, N) * bases.shape[2])))
+                for a in range(0, s1 - s0, step):
+                    b = min(a + step, s1 - s0)
+                    y_s = fa.spectrum_products(kappa[a:b], basis_w, g[a:b, :, None] * bases[a:b])
+                    flat_y = y_s.transpose(1, 0, 2).reshape(N, -1)
+                    correction -= flat_y @ flat_y.T
+        with timer.phase("comm"):
+            m = allreduce_sum(m, comm)
+            rhs = allreduce_sum(rhs.reshape(-1), comm)
+            yy = float(allreduce_sum(np.array([yy]), comm)[0])
+        return rhs, yy, m
+
+    def design_blocks(self, weighting: Weighting, comm, *, need_data: bool = True, timer: PhaseTimer | None = None):
+        """This rank's weighted design blocks, one per spaxel (:meth:`.base.Operator.design_blocks`),
+        each made from κ and the basis (a GEMM per group of spaxels).  Collective over comm."""
+        used, sqrt_w = weighting.used, weighting.sqrt_w
+        basis_w = self.weighted_basis(weighting, project=False).reshape(self.K, -1)
+        N, L_used = self.n_params, used.size
+        step = int(max(1, TILE_BYTES // (8 * N * L_used)))
+        for tile, kappa, y in self._pass(comm, need_data=need_data, timer=timer):
+            if tile is None:
+                continue
+            s0, s1 = tile
+            factors, bases = weighting.factors(s0, s1), weighting.bases(s0, s1)
+            for a in range(0, s1 - s0, step):
+                b = min(a + step, s1 - s0)
+                designs = (kappa[a:b].reshape(-1, self.K) @ basis_w).reshape(b - a, N, L_used)
+                for i in range(a, b):
+                    target = y[i, used] * sqrt_w if need_data else None
+                    target = weigh_spectrum(designs[i - a], target, None if factors is None else factors[i],
+                                            None if bases is None else bases[i])
+                    yield designs[i - a], target
+
     def diagonal_pass(self, weighting: Weighting, comm) -> dict:
+        if weighting.per_spectrum:
+            return super().diagonal_pass(weighting, comm)
         rhs, yy = self._data_pass(weighting, comm, PhaseTimer())
-        basis_w = fa.weighted_basis(self.basis, weighting.sqrt_w, weighting.used)
+        basis_w = self.weighted_basis(weighting)
         return {"rhs": rhs, "diag": fa.gram_diagonal(self.m_total, basis_w).reshape(-1), "yy": yy}
 
     def gram_columns(self, weighting: Weighting, cols: np.ndarray, comm) -> np.ndarray | None:
+        if weighting.per_spectrum:
+            return super().gram_columns(weighting, cols, comm)
         m = self._kappa_gram(comm)
-        basis_w = fa.weighted_basis(self.basis, weighting.sqrt_w, weighting.used)
+        basis_w = self.weighted_basis(weighting)
         cols = np.asarray(cols, dtype=int)
         lo, hi = block_range(cols.size, comm.Get_size(), comm.Get_rank())
         block = np.zeros((self.n_params, cols.size))
@@ -172,12 +272,14 @@ class FactoredOperator(Operator):
         return reduce_sum(block, comm)
 
     def residual_chi2(self, weighting: Weighting, x: np.ndarray, comm) -> float:
-        basis_w = fa.weighted_basis(self.basis, weighting.sqrt_w, weighting.used)
+        if weighting.per_spectrum:
+            return super().residual_chi2(weighting, x, comm)
+        basis_w = self.weighted_basis(weighting)
         x_cp = np.asarray(x, dtype=np.float64).reshape(self.C, self.P)
         chi2 = 0.0
         for tile, kappa, y in self._pass(comm, need_data=True):
             if tile is not None:
-                resid = y[:, weighting.used] * weighting.sqrt_w - fa.model_spectra(kappa, basis_w, x_cp)
+                resid = weighting.project(y[:, weighting.used] * weighting.sqrt_w) - fa.model_spectra(kappa, basis_w, x_cp)
                 chi2 += float(np.sum(resid * resid))
         return float(allreduce_sum(np.array([chi2]), comm)[0])
 
