@@ -237,7 +237,7 @@ def test_multiplicative_mock_recovers_x_and_g(tmp_path, kind, add_degree):
     np.testing.assert_allclose(x, truth, rtol=0, atol=tol * truth.max())
     history = stats["poly.objective_history"]
     assert np.all(np.diff(history) <= 0), history               # never increases
-    assert stats["poly.converged"] and stats["poly.iterations"] <= 8 and stats["kkt.ok"]
+    assert stats["poly.converged"] and stats["kkt.ok"]
     with h5py.File(path, "r") as f:
         mult = f["/Solve/mult_poly"][...]
         attrs = dict(f["/Solve/mult_poly"].attrs)
@@ -284,29 +284,55 @@ def test_noisy_multiplicative_fit_is_a_stationary_point_of_the_joint_problem(tmp
     assert ours <= 2 * ref.cost * (1 + 1e-8)
 
 
-def test_gauss_newton_is_refused_when_it_does_not_lower_the_objective(tmp_path, monkeypatch):
-    """A useless Gauss-Newton proposal (x = 0) is refused: the plain alternation carries on, monotone."""
-    from cubefit_mpi.operators.factored import FactoredOperator
-
-    path = mock(tmp_path / "g.h5", spaxels=10)
-    add_polynomials(path, mult_degree=2, seed=11)
-    real = FactoredOperator.normal_equations
-
-    def spoiled(self, weighting, comm):
-        system = real(self, weighting, comm)
-        if weighting.tangent is not None:                     # the Gauss-Newton system: its NNLS gives x = 0
-            system["rhs"] = -np.abs(system["rhs"])
-        return system
-
-    monkeypatch.setattr(FactoredOperator, "normal_equations", spoiled)
+def test_a_poor_frozen_hessian_is_refreshed(tmp_path, monkeypatch):
+    """A frozen Hessian far too stiff (G + 10 max(diag G) I: tiny steps) makes slow progress: the fit
+    takes the fresh Gauss-Newton Hessian instead and still recovers the truth."""
     from cubefit_mpi.solvers import polynomials as sp
 
+    path = mock(tmp_path / "g.h5", spaxels=12)
+    _, mult_true = add_polynomials(path, mult_degree=2, seed=11)
+    real = sp.spectra_pass
+
+    def stiff(inputs, weighting, x, **kwargs):
+        out = real(inputs, weighting, x, **kwargs)
+        if out["correction"] is not None:
+            diag = inputs.operator.diagonal_pass(inputs.weighting, SELF)["diag"]
+            out["correction"] = out["correction"] - 10 * diag.max() * np.eye(diag.size)
+        return out
+
+    monkeypatch.setattr(sp, "spectra_pass", stiff)
+    x, stats = solve_exact(str(path), mult_degree=2, comm=SELF)
+    steps = stats["poly.x_steps"].split(",")
+    assert steps[:2] == ["frozen", "frozen"] and "fresh" in steps and stats["poly.converged"]
+    assert np.all(np.diff(stats["poly.objective_history"]) <= 0) and stats["poly.gram_passes"] >= 1
+    with h5py.File(path, "r") as f:
+        truth = f["/Truth/x"][...].reshape(-1)
+        np.testing.assert_allclose(f["/Solve/mult_poly"][...], mult_true, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(x, truth, rtol=0, atol=1e-6 * truth.max())
+
+
+def test_useless_gauss_newton_steps_fall_back_to_the_exact_alternation(tmp_path, monkeypatch):
+    """Gauss-Newton candidates that raise F (here x = 0) are refused: the exact x-step given g carries on."""
+    from cubefit_mpi.solvers import polynomials as sp
+
+    path = mock(tmp_path / "g.h5", spaxels=10)
+    add_polynomials(path, mult_degree=2, seed=12)
+    real = sp._Fit.step
+
+    def spoiled(self, kind, x, state, hessian):
+        if kind == "alternation":
+            return real(self, kind, x, state, hessian)
+        zero = np.zeros_like(x)
+        return zero, sp.spectra_pass(self.inputs, self.weighting(state["mult"]), zero, fit_mult=True, gradient=True,
+                                     comm=self.comm), hessian
+
+    monkeypatch.setattr(sp._Fit, "step", spoiled)
     monkeypatch.setattr(sp, "MAX_ITERATIONS", 4)
     x, stats = solve_exact(str(path), mult_degree=2, comm=SELF)
     history = stats["poly.objective_history"]
-    assert np.all(np.diff(history) <= 0) and history[-1] < history[1]
-    assert stats["poly.gauss_newton_steps"] == 0 and stats["poly.passes"] == 2 * stats["poly.iterations"]
-    assert not stats["poly.converged"]                      # plain alternation: slow, stopped at the cap
+    assert stats["poly.x_steps"] == "alternation,alternation,alternation,alternation"
+    assert np.all(np.diff(history) <= 0) and history[-1] < history[1] and not stats["poly.converged"]
+    assert stats["poly.gram_passes"] == 4                    # one g-weighted normal-equation pass per x-step
 
 
 # --- caches, refusals, the command line, recon and plots ------------------------------------------

@@ -147,11 +147,12 @@ def spectrum_products(kappa: np.ndarray, basis_w: np.ndarray, vectors: np.ndarra
     """``Y[s] = A_wsᵀ V_s`` ``(n, C·P, k)`` for weighted vectors ``V (n, L_used, k)``, where
     ``A_ws[λ, (c,p)] = Σ_k κ[s,c,k] B_w[k,p,λ]``.  Local."""
     n, C, K = kappa.shape
-    P = basis_w.shape[1]
-    proj = np.matmul(basis_w.reshape(K * P, -1), vectors)                 # (n, K·P, k)
+    P, L = basis_w.shape[1], basis_w.shape[2]
     k = vectors.shape[2]
-    out = np.matmul(kappa, proj.reshape(n, K, P * k))                     # (n, C, P·k)
-    return out.reshape(n, C * P, k)
+    flat = np.ascontiguousarray(np.swapaxes(vectors, 1, 2)).reshape(n * k, L)
+    proj = (flat @ basis_w.reshape(K * P, L).T).reshape(n, k, K, P)        # one GEMM for the tile
+    proj = np.ascontiguousarray(proj.transpose(0, 2, 3, 1)).reshape(n, K, P * k)
+    return np.matmul(kappa, proj).reshape(n, C * P, k)
 
 
 def mult_route_costs(S: int, C: int, K: int, P: int, L: int, n_terms: int, n_basis: int) -> tuple[float, float]:

@@ -177,7 +177,9 @@ def fit_spectra(model_w: np.ndarray, data_w: np.ndarray, mult_basis: np.ndarray 
     Returns
     -------
     dict: ``mult (n, D_m)`` or None, ``add (n, D_a + 1)`` or None, ``chi2_before (n,)`` (with
-    ``old``) and ``chi2 (n,)`` (with the returned coefficients; never larger), float64.
+    ``old``) and ``chi2 (n,)`` (with the returned coefficients; never larger), ``resid (n,
+    L_used)``: the weighted residual with the returned coefficients (additive span removed);
+    float64.
     """
     model_w = np.asarray(model_w, dtype=np.float64)
     data_w = np.asarray(data_w, dtype=np.float64)
@@ -200,7 +202,7 @@ def fit_spectra(model_w: np.ndarray, data_w: np.ndarray, mult_basis: np.ndarray 
         chi2 = np.where(better, chi2_new, chi2_before)
         resid = data_w - mult_factor(mult, mult_basis) * model_w
     add = additive.coefficients(resid) if additive is not None else None
-    return {"mult": mult, "add": add, "chi2_before": chi2_before, "chi2": chi2}
+    return {"mult": mult, "add": add, "chi2_before": chi2_before, "chi2": chi2, "resid": project(resid)}
 
 
 def _chi2(resid_w: np.ndarray, project) -> np.ndarray:

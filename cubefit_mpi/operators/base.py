@@ -228,6 +228,15 @@ class Operator:
         """The (c, p) blocks of a stored A that ``A·x`` needs (none when A is not stored).  Local."""
         return []
 
+    def products(self, f, tile, used: np.ndarray, vectors: np.ndarray | None) -> np.ndarray | None:
+        """``Y[i] = A[s0 + i][:, used] @ vectors[i]`` ``(n, N, k)`` float64 for ``vectors (n, L_used, k)``
+        of the spaxels ``tile = (s0, s1)`` (None for ``tile=None``).
+
+        Collective over the file's communicator, like :meth:`spectra` (a rank without a tile
+        passes None).  The gradients and Gauss–Newton terms of the polynomial fit.
+        """
+        raise NotImplementedError
+
     def spectra(self, f, tile, x_cp: np.ndarray, blocks: list | None = None) -> np.ndarray | None:
         """``A·x`` of the spaxels ``tile = (s0, s1)``, ``(n, L)`` float64, or None for ``tile=None``.
 

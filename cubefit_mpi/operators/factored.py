@@ -54,6 +54,7 @@ class FactoredOperator(Operator):
         super().__init__(path, d.S, d.C, d.P, d.L, tile_bounds(d.S, s_tile), inputs.norm_mode, inputs.amp_mode)
         self.step_tiles = tile_bounds(d.S, default_chunks(d.S, d.C, d.P, d.L)[0])    # as the builder's S-chunks
         self.m_total: np.ndarray | None = None          # Σ_s κκᵀ (C·K, C·K), once a pass made it
+        self._used_basis = None                          # (key, B[..., used]) of :meth:`products`
         self._provenance = {"operator": self.kind, "models.version": "",
                             "models.fingerprint": inputs.fingerprint, "norm.mode": inputs.norm_mode,
                             "amp.mode": inputs.amp_mode,
@@ -293,6 +294,20 @@ class FactoredOperator(Operator):
     def spectra(self, f, tile, x_cp: np.ndarray, blocks: list | None = None) -> np.ndarray | None:
         kappa = self.read_kappa(f, tile)
         return None if tile is None else fa.model_spectra(kappa, self.basis, x_cp)
+
+    def products(self, f, tile, used: np.ndarray, vectors: np.ndarray | None) -> np.ndarray | None:
+        kappa = self.read_kappa(f, tile)
+        if tile is None:
+            return None
+        key = used.tobytes()
+        if self._used_basis is None or self._used_basis[0] != key:
+            self._used_basis = (key, np.ascontiguousarray(self.basis[:, :, used]))
+        basis_u = self._used_basis[1]
+        step = int(max(1, TILE_BYTES // (8 * max(self.K * self.P, self.n_params) * vectors.shape[2])))
+        out = np.empty((tile[1] - tile[0], self.n_params, vectors.shape[2]))
+        for a in range(0, out.shape[0], step):
+            out[a:a + step] = fa.spectrum_products(kappa[a:a + step], basis_u, vectors[a:a + step])
+        return out
 
     def tile_models(self, kappa: np.ndarray, c0: int, c1: int, dtype=np.float32) -> np.ndarray:
         """``A[s-tile, c0:c1]`` ``(n, c1 - c0, P, L)`` from the tile's ``κ``, clipped as the builder.  Local."""

@@ -67,6 +67,18 @@ class HypercubeOperator(Operator):
                                             None if bases is None else bases[i])
                     yield buf, target
 
+    def products(self, f, tile, used: np.ndarray, vectors: np.ndarray | None) -> np.ndarray | None:
+        models = f[lay.MODELS]
+        if tile is None:
+            read_block(models, None, None)
+            return None
+        s0, s1 = tile
+        a_tile = read_block(models, (s0, 0, 0, 0), (s1 - s0, self.C, self.P, self.L))
+        out = np.empty((s1 - s0, self.n_params, vectors.shape[2]))
+        for i in range(s1 - s0):
+            out[i] = a_tile[i].reshape(self.n_params, self.L)[:, used].astype(np.float64) @ vectors[i]
+        return out
+
     def read_blocks(self, x_cp: np.ndarray) -> list:
         """The (c, p) blocks of A a model ``A·x`` needs: non-zero weights only, chunk-aligned.  Local."""
         c_chunk, p_chunk = (self.chunks[1], self.chunks[2]) if self.chunks is not None else (1, self.P)

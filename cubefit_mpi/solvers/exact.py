@@ -190,7 +190,7 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
     polynomials = {}
     if add_degree >= 0 or mult_degree > 0:
         x, stats, polynomials = fit_polynomials(inputs, reg, x, stats, mult_degree, _solve_on_root, method=method,
-                                                tol=tol, comm=comm)
+                                                tol=tol, gram_system=gram_system, comm=comm)
     stats["component_totals"] = x.reshape(inputs.C, inputs.P).sum(axis=1)
     stats["seconds"] = time.perf_counter() - t0
     _write_solution(path, x, stats, targets, comm)

@@ -11,6 +11,8 @@ from mpi_helpers import assert_all, same_everywhere
 from cubefit_mpi.numerics import polynomials as pl
 from cubefit_mpi.numerics.synthetic_galaxy import MockSpec
 from cubefit_mpi.operators import factored as factored_module
+from cubefit_mpi.operators.base import Weighting
+from cubefit_mpi.operators.select import open_operator
 from cubefit_mpi.solvers.exact import solve_exact
 from cubefit_mpi.stages.build import build_hypercube
 from cubefit_mpi.stages.mock import make_mock
@@ -39,12 +41,10 @@ def make_pair(directory, build: bool):
     return path, directory / "ref.h5"
 
 
-@pytest.mark.parametrize("kind,route", [("factored", "spaxel"), ("factored", "factored"), ("hypercube", None)])
-def test_polynomial_fit_at_any_rank_count(mpi_tmp_path, monkeypatch, kind, route):
+@pytest.mark.parametrize("kind", ["factored", "hypercube"])
+def test_polynomial_fit_at_any_rank_count(mpi_tmp_path, monkeypatch, kind):
     monkeypatch.setenv("CUBEFIT_LAMBDA_WEIGHTS_ENABLE", "0")
-    if route is not None:
-        monkeypatch.setattr(factored_module, "MULT_ROUTE", route)
-        monkeypatch.setattr(factored_module, "TILE_BYTES", 20_000)        # several S-tiles: every rank owns some
+    monkeypatch.setattr(factored_module, "TILE_BYTES", 20_000)            # several S-tiles: every rank owns some
     path, ref = make_pair(mpi_tmp_path, build=kind == "hypercube")
     x, stats = solve_exact(str(path), add_degree=2, mult_degree=3, operator=kind, comm=comm)
     reconstruct(str(path), operator=kind, comm=comm)
@@ -70,4 +70,32 @@ def test_polynomial_fit_at_any_rank_count(mpi_tmp_path, monkeypatch, kind, route
         }
         ok = all(checks.values())
         message = f"failed: {[k for k, v in checks.items() if not v]}; x err {np.abs(x - truth).max():.3g}"
+    assert_all(ok, message)
+
+
+@pytest.mark.parametrize("kind,route", [("factored", "spaxel"), ("factored", "factored"), ("hypercube", None)])
+def test_weighted_normal_equations_at_any_rank_count(mpi_tmp_path, monkeypatch, kind, route):
+    """The g-weighted, projected normal equations of the fallback x-steps: the same at any rank count."""
+    if route is not None:
+        monkeypatch.setattr(factored_module, "MULT_ROUTE", route)
+        monkeypatch.setattr(factored_module, "TILE_BYTES", 20_000)
+    path, ref = make_pair(mpi_tmp_path, build=kind == "hypercube")
+    with h5py.File(path, "r", driver="mpio", comm=comm) as f:
+        mask = f["/Mask"][...].astype(bool)
+        S, L = f["/DataCube"].shape
+    rng = np.random.default_rng(15)
+    weights = rng.uniform(0.5, 1.0, L)
+    mult = 0.05 * rng.standard_normal((S, 3))
+    tangent = rng.uniform(0.5, 1.5, (S, int(mask.sum())))
+    weighting = Weighting(mask, weights, 2, mult, tangent)
+    ne = open_operator(str(path), kind, comm=comm).normal_equations(weighting, comm)
+    assert_all(same_everywhere(ne["rhs"]) and same_everywhere(ne["diag"]))
+    ok, message = True, ""
+    if comm.rank == 0:
+        serial = open_operator(str(ref), kind, comm=MPI.COMM_SELF).normal_equations(weighting, MPI.COMM_SELF)
+        scale = np.abs(serial["gram"]).max()
+        ok = (np.abs(ne["gram"] - serial["gram"]).max() <= 1e-12 * scale
+              and np.allclose(ne["rhs"], serial["rhs"], rtol=1e-12, atol=1e-14 * np.abs(serial["rhs"]).max())
+              and abs(ne["yy"] - serial["yy"]) <= 1e-12 * serial["yy"])
+        message = f"G differs by {np.abs(ne['gram'] - serial['gram']).max() / scale:.3g} (relative)"
     assert_all(ok, message)
