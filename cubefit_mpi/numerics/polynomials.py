@@ -82,7 +82,8 @@ class AdditiveBasis:
     def project(self, v: np.ndarray) -> np.ndarray:
         """``v − (v U) Uᵀ`` for weighted vectors ``v (..., L_used)``: the part no additive term explains.  Local."""
         v = np.asarray(v, dtype=np.float64)
-        return v - (v @ self.u) @ self.u.T
+        flat = v.reshape(-1, v.shape[-1])                                # one GEMM pair for any stack
+        return (flat - (flat @ self.u) @ self.u.T).reshape(v.shape)
 
     def coefficients(self, resid_w: np.ndarray) -> np.ndarray:
         """``a (..., D_a + 1)`` that best fit weighted residuals ``√W r (..., L_used)``: ``R⁻¹ Uᵀ √W r``.  Local."""

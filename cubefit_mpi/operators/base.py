@@ -150,6 +150,11 @@ class Operator:
         lo, hi = block_range(len(self.s_tiles), comm.Get_size(), comm.Get_rank())
         return self.s_tiles[lo:hi]
 
+    def spectra_tiles(self, comm) -> list:
+        """This rank's tiles of a pass that needs only ``A·x`` and products per spectrum (the
+        polynomial fit): :meth:`my_tiles` unless the operator balances better.  Local."""
+        return self.my_tiles(comm)
+
     def provenance(self) -> dict:
         """What the models are, for the keys of caches made from them (strings).  Local."""
         raise NotImplementedError

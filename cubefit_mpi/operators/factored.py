@@ -55,6 +55,7 @@ class FactoredOperator(Operator):
         self.step_tiles = tile_bounds(d.S, default_chunks(d.S, d.C, d.P, d.L)[0])    # as the builder's S-chunks
         self.m_total: np.ndarray | None = None          # Σ_s κκᵀ (C·K, C·K), once a pass made it
         self._used_basis = None                          # (key, B[..., used]) of :meth:`products`
+        self._weighted_basis = None                      # (key, B_w) of the last weighting
         self._provenance = {"operator": self.kind, "models.version": "",
                             "models.fingerprint": inputs.fingerprint, "norm.mode": inputs.norm_mode,
                             "amp.mode": inputs.amp_mode,
@@ -62,6 +63,13 @@ class FactoredOperator(Operator):
 
     def provenance(self) -> dict:
         return dict(self._provenance)
+
+    def spectra_tiles(self, comm) -> list:
+        """This rank's tiles of a pass over the spectra: a balanced contiguous block of spaxels, in
+        tiles of at most the operator's tile (every rank has spaxels, also when all fit one tile).  Local."""
+        lo, hi = block_range(self.S, comm.Get_size(), comm.Get_rank())
+        step = self.s_tiles[0][1] - self.s_tiles[0][0]
+        return [(lo + a, lo + b) for a, b in tile_bounds(hi - lo, step)]
 
     # --- κ ---------------------------------------------------------------------------------------
     def kappa(self, losvd: np.ndarray, s0: int) -> np.ndarray:
@@ -110,9 +118,14 @@ class FactoredOperator(Operator):
     # --- the passes ----------------------------------------------------------------------------
     def weighted_basis(self, weighting: Weighting, project: bool = True) -> np.ndarray:
         """``B_w (K, P, L_used)``, with the additive span projected off when ``project`` (the same
-        for every spectrum when there are no multiplicative polynomials).  Local."""
-        basis_w = fa.weighted_basis(self.basis, weighting.sqrt_w, weighting.used)
-        return weighting.project(basis_w) if project else basis_w
+        for every spectrum when there are no multiplicative polynomials).  The last one is kept
+        (read only: callers must not write into it).  Local."""
+        key = (weighting.mask.tobytes(), None if weighting.weights is None else weighting.weights.tobytes(),
+               weighting.add_degree if project else -1)
+        if self._weighted_basis is None or self._weighted_basis[0] != key:      # the last one is kept
+            basis_w = fa.weighted_basis(self.basis, weighting.sqrt_w, weighting.used)
+            self._weighted_basis = (key, weighting.project(basis_w) if project else basis_w)
+        return self._weighted_basis[1]
 
     def _data_pass(self, weighting: Weighting, comm, timer: PhaseTimer) -> tuple[np.ndarray, float]:
         """One pass: M (kept), b (N,) and yᵀWy, summed over ranks.  Collective over comm."""

@@ -80,20 +80,21 @@ def spectra_pass(inputs: SolveInputs, weighting: Weighting, x: np.ndarray, *, fi
                  correction: bool = False, comm) -> dict:
     """The polynomial coefficients of every spectrum given ``x``.  Collective over comm.
 
-    Ranks take their S-tiles of the operator (the ones its passes visit); per tile the model
-    ``A x`` (:meth:`~cubefit_mpi.operators.base.Operator.spectra`) and the data are fitted by
+    Ranks take their tiles of spectra (:meth:`~cubefit_mpi.operators.base.Operator.spectra_tiles`);
+    per tile the model ``A x`` (:meth:`~cubefit_mpi.operators.base.Operator.spectra`) and the data are fitted by
     :func:`~cubefit_mpi.numerics.polynomials.fit_spectra` (``fit_mult``: the multiplicative
     coefficients too, from ``weighting.mult``; else those are kept).
 
     Returns
     -------
     dict: ``add (S, D_a+1)`` or None, ``mult (S, D_m)`` or None and ``chi2_before``, ``chi2``
-    ``(S,)`` (with the given and the returned coefficients) on every rank; ``tangent (S, L_used)``:
-    ``√W A_s x`` of this rank's spaxels (zero elsewhere); with ``gradient`` the gradient of the
-    data term in x with the returned coefficients, ``gradient (N,)``, and ``rhs (N,)`` = Σ_s
-    A_sᵀ √W g_s (projected √W y_s), on every rank; with ``correction``
-    ``Σ_s Y_s Y_sᵀ`` (N, N) on rank 0, ``Y_s = A_sᵀ √W Z_s`` for the orthonormal directions
-    ``Z_s`` of the multiplicative terms at g = 1 (:func:`~cubefit_mpi.numerics.polynomials.spectrum_bases`).
+    ``(S,)`` (with the given and the returned coefficients) on every rank; ``tangent (S,
+    L_used)``: ``√W A_s x`` of this rank's spaxels (zero elsewhere; the fresh Hessian sums it over
+    ranks); with ``gradient`` the gradient of the data term in x with the returned
+    coefficients, ``gradient (N,)``, and ``rhs (N,)`` = ``Σ_s A_sᵀ √W g_s (projected √W y_s)``,
+    on every rank; with ``correction`` ``Σ_s Y_s Y_sᵀ`` (N, N) on rank 0, ``Y_s = A_sᵀ √W Z_s``
+    for the orthonormal directions ``Z_s`` of the multiplicative terms at g = 1
+    (:func:`~cubefit_mpi.numerics.polynomials.spectrum_bases`).
     """
     op = inputs.operator
     used, sqrt_w = weighting.used, weighting.sqrt_w
@@ -107,7 +108,7 @@ def spectra_pass(inputs: SolveInputs, weighting: Weighting, x: np.ndarray, *, fi
     corr = np.zeros((N, N)) if correction else None
     with open_h5(inputs.path, "r", comm) as f:
         blocks = op.read_blocks(x_cp)
-        for tile in padded_schedule(op.my_tiles(comm), comm):
+        for tile in padded_schedule(op.spectra_tiles(comm), comm):
             model = op.spectra(f, tile, x_cp, blocks=blocks)
             y = read_block(f[lay.DATACUBE], None if tile is None else (tile[0], 0),
                            None if tile is None else (tile[1] - tile[0], inputs.L), np.float64)
@@ -235,8 +236,8 @@ class _Fit:
             self.gram_passes += 1
         else:
             if kind == "fresh":                         # the Gauss-Newton Hessian at this point
-                fresh = self.inputs.operator.normal_equations(self.weighting(state["mult"], state["tangent"]),
-                                                              self.comm)
+                tangent = allreduce_sum(state["tangent"], self.comm)    # every row on every rank: any tiling
+                fresh = self.inputs.operator.normal_equations(self.weighting(state["mult"], tangent), self.comm)
                 self.gram_passes += 1
                 hessian = fresh["gram"]
             rhs = hessian @ x - state["gradient"] if root else None

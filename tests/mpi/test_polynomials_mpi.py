@@ -41,12 +41,20 @@ def make_pair(directory, build: bool):
     return path, directory / "ref.h5"
 
 
+@pytest.mark.parametrize("refresh", [False, True])
 @pytest.mark.parametrize("kind", ["factored", "hypercube"])
-def test_polynomial_fit_at_any_rank_count(mpi_tmp_path, monkeypatch, kind):
+def test_polynomial_fit_at_any_rank_count(mpi_tmp_path, monkeypatch, kind, refresh):
+    """``refresh``: the Hessian made afresh after every frozen step (the g-weighted normal equations)."""
+    from cubefit_mpi.solvers import polynomials as sp
+
     monkeypatch.setenv("CUBEFIT_LAMBDA_WEIGHTS_ENABLE", "0")
     monkeypatch.setattr(factored_module, "TILE_BYTES", 20_000)            # several S-tiles: every rank owns some
+    if refresh:
+        monkeypatch.setattr(sp, "SLOW", -1.0)
     path, ref = make_pair(mpi_tmp_path, build=kind == "hypercube")
     x, stats = solve_exact(str(path), add_degree=2, mult_degree=3, operator=kind, comm=comm)
+    steps = stats["poly.x_steps"].split(",")
+    assert_all(not refresh or "fresh" in steps[:3], stats["poly.x_steps"])
     reconstruct(str(path), operator=kind, comm=comm)
     assert_all(same_everywhere(x) and same_everywhere(stats["poly.objective_history"]), "x differs between ranks")
     history = stats["poly.objective_history"]
