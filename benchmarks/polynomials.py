@@ -2,6 +2,7 @@
 exact solve of the same file, measured in the same run.
 
     .venv/bin/python benchmarks/polynomials.py [--cases demo,miles16] [--ranks 2] [--repeat 3] [--repeat-mult 1]
+                                               [--degree 8] [--spaxels 400]
 
 Cases (each made once with ``mock --templates miles`` and ``weights``, as ``make demo`` does):
 
@@ -11,7 +12,8 @@ Cases (each made once with ``mock --templates miles`` and ``weights``, as ``make
 
 Every solve is a fresh process under ``mpiexec -n RANKS`` with ``use_cache=False`` (each one makes
 its own normal equations) and the χ² verification pass, timed end to end around
-``solve_exact``; medians of ``--repeat`` (``--repeat-mult`` for the multiplicative fit).
+``solve_exact``; medians of ``--repeat`` (``--repeat-mult`` for the multiplicative fit), the
+variants interleaved round by round (a shared machine's load drifts).
 Targets: additive <= 1.2x a plain solve, multiplicative <= (iterations + 1)x.  Prints markdown
 rows for docs/performance.md.
 """
@@ -50,8 +52,8 @@ def cli(ranks: int, *args) -> None:
                    check=True, capture_output=True, cwd=ROOT)
 
 
-def make_case(path: Path, components: int, ranks: int) -> None:
-    cli(ranks, "mock", path, "--templates", "miles", "--spaxels", 400, "--components", components,
+def make_case(path: Path, components: int, ranks: int, spaxels: int = 400) -> None:
+    cli(ranks, "mock", path, "--templates", "miles", "--spaxels", spaxels, "--components", components,
         "--wavelengths", 600, "--seed", 1, "--noise", 60, "--masked-pixels", 12)
     cli(ranks, "weights", path)
 
@@ -63,11 +65,20 @@ def solve(path: Path, ranks: int, add: int, mult: int) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def measure(path: Path, ranks: int, add: int, mult: int, repeat: int) -> dict:
-    runs = [solve(path, ranks, add, mult) for _ in range(repeat)]
-    result = dict(runs[-1])
-    result["wall"] = statistics.median(r["wall"] for r in runs)
-    return result
+def measure(path: Path, ranks: int, variants: list, repeat: int, repeat_mult: int) -> list[dict]:
+    """Every variant ``(add, mult)`` ``repeat`` times (``repeat_mult`` with multiplicative terms),
+    interleaved round by round so that a change of the machine's load hits all alike; medians."""
+    runs = [[] for _ in variants]
+    for round_ in range(max(repeat, repeat_mult)):
+        for i, (add, mult) in enumerate(variants):
+            if round_ < (repeat_mult if mult else repeat):
+                runs[i].append(solve(path, ranks, add, mult))
+    results = []
+    for done in runs:
+        result = dict(done[-1])
+        result["wall"] = statistics.median(r["wall"] for r in done)
+        results.append(result)
+    return results
 
 
 def main(argv=None) -> None:
@@ -77,16 +88,16 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--repeat-mult", type=int, default=1)
     p.add_argument("--degree", type=int, default=8)
+    p.add_argument("--spaxels", type=int, default=400, help="S of every case (400 as the demo; fewer for a quick check)")
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases.split(","):
             path = Path(tmp) / f"{case}.h5"
-            make_case(path, CASES[case], args.ranks)
-            plain = measure(path, args.ranks, -1, 0, args.repeat)
-            add = measure(path, args.ranks, args.degree, 0, args.repeat)
-            mult = measure(path, args.ranks, -1, args.degree, args.repeat_mult)
-            both = measure(path, args.ranks, args.degree, args.degree, args.repeat_mult)
+            make_case(path, CASES[case], args.ranks, args.spaxels)
+            d = args.degree
+            plain, add, mult, both = measure(path, args.ranks, [(-1, 0), (d, 0), (-1, d), (d, d)], args.repeat,
+                                             args.repeat_mult)
             for name, r in (("plain", plain), (f"--add-degree {args.degree}", add),
                             (f"--mult-degree {args.degree}", mult),
                             (f"--add-degree {args.degree} --mult-degree {args.degree}", both)):
@@ -99,13 +110,15 @@ def main(argv=None) -> None:
                 else:
                     target = f"<= {its + 1}x: {'met' if ratio <= its + 1 else 'NOT met'}"
                 detail = "" if its is None else (f"{its} ({r['poly.x_steps']}; {r['poly.gram_passes']} extra "
-                                                 f"normal-equation passes)")
-                rows.append(f"| {case} (N = {r['n_params']}, {r['operator']}) | {name} | {r['wall']:.2f} s | "
+                                                 f"normal-equation passes; KKT {'OK' if r['kkt.ok'] else 'NOT MET'})")
+                rows.append(f"| {case} (S = {args.spaxels}, N = {r['n_params']}, {r['operator']}) | {name} | "
+                            f"{r['wall']:.2f} s | "
                             f"{ratio:.2f}x | {detail} | {target} |")
                 print(rows[-1], flush=True)
     print()
     print(f"Measured by `benchmarks/polynomials.py --cases {args.cases} --ranks {args.ranks} --repeat {args.repeat} "
-          f"--repeat-mult {args.repeat_mult}` (medians, wall time of solve_exact, cache off, verification on):")
+          f"--repeat-mult {args.repeat_mult} --degree {args.degree} --spaxels {args.spaxels}` (medians, wall time of "
+          f"solve_exact, cache off, verification on):")
     print()
     print("| case | solve | time | vs plain | iterations | target |")
     print("|---|---|---|---|---|---|")
