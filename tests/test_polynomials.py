@@ -401,6 +401,29 @@ def test_cli_solve_recon_plot_with_polynomials(tmp_path):
     assert bad.returncode == 2 and "--mult-degree -1" in bad.stderr
 
 
+@pytest.mark.parametrize("degrees", [("--add-degree", "2"), ("--mult-degree", "1")])
+def test_bootstrap_refuses_a_fit_with_polynomials(tmp_path, degrees):
+    """`uncertainty` after a polynomial fit and `solve --bootstrap` with polynomials: exit 2, one
+    line, the file unchanged (the bootstrap would refit only x on the plain normal equations)."""
+    from conftest import file_bytes
+
+    path = mock(tmp_path / "g.h5", snr=40)
+    add = int(degrees[1]) if degrees[0] == "--add-degree" else None
+    mult = int(degrees[1]) if degrees[0] == "--mult-degree" else None
+    solve_exact(str(path), add_degree=add, mult_degree=mult, comm=SELF)
+    before = file_bytes(path)
+    for args in (("uncertainty", path, "--replicates", "2"), ("solve", path, *degrees, "--bootstrap", "2")):
+        bad = run_cli(*args, env={"CUBEFIT_LAMBDA_WEIGHTS_ENABLE": "0"})
+        assert bad.returncode == 2 and "the fit has polynomials" in bad.stderr, bad.stderr
+        assert [line for line in bad.stderr.splitlines() if "error" in line.lower()] == [
+            line for line in bad.stderr.splitlines() if "the fit has polynomials" in line], bad.stderr
+        assert file_bytes(path) == before
+    with pytest.raises(InputError, match="/X_global: the fit has polynomials"):
+        from cubefit_mpi.solvers.uncertainty import bootstrap_uncertainty
+
+        bootstrap_uncertainty(str(path), replicates=2, comm=SELF)
+
+
 def test_recon_ignores_polynomials_of_another_x(tmp_path):
     path = mock(tmp_path / "g.h5", snr=40)
     solve_exact(str(path), add_degree=2, comm=SELF)

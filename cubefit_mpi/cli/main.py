@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # stage modules that add sub-commands: each has register(sub), setting handler=fn(args, comm) -> int
-CLI_MODULES = ("ingest", "build", "weights", "watch", "solve", "recon", "pipeline", "scaling", "velocity_bias",
+CLI_MODULES = ("ingest", "build", "weights", "watch", "solve", "uncertainty", "recon", "pipeline", "scaling", "velocity_bias",
                "preflight")
 
 

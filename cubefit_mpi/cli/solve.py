@@ -69,6 +69,8 @@ def register(sub) -> None:
     k.add_argument("--c-bands", type=int, default=kz("c_bands"), help="component bands per S-group (default min(ranks, C))")
     k.add_argument("--decorrelate", type=float, default=kz("decorrelate"),
                    help="de-correlation nudge strength in [0, 1] (default %(default)s)")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="exact: then N bootstrap replicates with the defaults of `uncertainty` (0: none)")
     p.add_argument("--blas-threads", type=int, default=None)
     p.set_defaults(handler=cmd_solve)
 
@@ -76,6 +78,17 @@ def register(sub) -> None:
 def cmd_solve(args, comm) -> int:
     from ..pipeline.runner import PipelineRunner
 
+    if args.bootstrap:
+        from ..config.errors import InputError
+        from ..config.options import check_number
+
+        check_number("--bootstrap", args.bootstrap, minimum=0, integer=True)
+        if args.method != "exact":
+            raise InputError(f"--bootstrap: needs --method exact (it reuses the exact fit's normal equations), "
+                             f"got --method {args.method}")
+        from ..solvers.uncertainty import refuse_polynomials
+
+        refuse_polynomials(args.add_degree, args.mult_degree, "--bootstrap")     # before anything is written
     runner = PipelineRunner(args.file, comm=comm)
     common = dict(orbit_weights=args.orbit_weights, orbit_strength=args.orbit_strength,
                   use_weights=not args.no_weights, add_degree=args.add_degree, mult_degree=args.mult_degree,
@@ -100,4 +113,11 @@ def cmd_solve(args, comm) -> int:
         elif stats.get("poly.add_degree", -1) >= 0:
             line += f", additive polynomials of degree {stats['poly.add_degree']}"
         print(line + f", component totals {totals}, {stats.get('seconds', 0):.1f}s on {comm.Get_size()} rank(s)")
+    if args.bootstrap:
+        from ..solvers.uncertainty import bootstrap_uncertainty
+        from .uncertainty import report_line
+
+        out = bootstrap_uncertainty(args.file, replicates=args.bootstrap, comm=comm)
+        if comm.Get_rank() == 0:
+            print(report_line(args.file, out))
     return 0

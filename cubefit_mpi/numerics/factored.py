@@ -217,3 +217,16 @@ def model_tile(kappa: np.ndarray, basis: np.ndarray, dtype=np.float32) -> np.nda
     out = (kappa.reshape(n * c, K) @ basis.reshape(K, P * L)).reshape(n, c, P, L)
     np.maximum(out, 0.0, out=out)
     return out.astype(dtype, copy=False)
+
+
+def lit_model_tile(kappa: np.ndarray, basis: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """:func:`~cubefit_mpi.numerics.factored.model_tile` for the lit rows of ``κ`` only (the same
+    bytes: every row is its own product), zeros elsewhere.  Local."""
+    n, c, _ = kappa.shape
+    lit = np.flatnonzero(np.any(kappa.reshape(n * c, -1) != 0, axis=1))
+    if lit.size == n * c:
+        return model_tile(kappa, basis, dtype=dtype)
+    out = np.zeros((n * c,) + basis.shape[1:], dtype=dtype)
+    if lit.size:
+        out[lit] = model_tile(kappa.reshape(n * c, 1, -1)[lit], basis, dtype=dtype)[:, 0]
+    return out.reshape((n, c) + basis.shape[1:])

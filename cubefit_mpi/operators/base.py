@@ -163,9 +163,11 @@ class Operator:
     # The defaults below visit this rank's weighted design blocks one spaxel at a time
     # (:meth:`design_blocks`): any weighting, multiplicative polynomials included.
     def design_blocks(self, weighting: Weighting, comm, *, need_data: bool = True, timer: PhaseTimer | None = None):
-        """Yield this rank's weighted design blocks ``(B (N, L_used), z (L_used,))``, one per spaxel.
+        """Yield this rank's weighted design blocks ``(cols, B (n_cols, L_used), z (L_used,))``, one per spaxel.
 
-        ``B[(c, p), λ] = √w_λ g_s(λ) A[s, c, p, λ]`` over the unmasked pixels, projected as the
+        ``cols (n_cols,) int``: the columns the rows are (all N, or the components lit on the
+        spaxel's tile; the same array object for every spaxel of a tile).
+        ``B[j, λ] = √w_λ g_s(λ) A[s, cols[j], λ]`` over the unmasked pixels, projected as the
         weighting says (:func:`weigh_spectrum`), float64, C-contiguous (possibly a view into a
         buffer reused for the next spaxel); ``z = √w y_s``, projected alike.  Collective over
         comm: iterate the generator to the end on every rank.  ``timer`` gets the reads as ``io``.
@@ -174,7 +176,8 @@ class Operator:
 
     def normal_equations(self, weighting: Weighting, comm) -> dict:
         """``{"gram": G (rank 0) or None, "rhs", "yy", "diag", "pass_seconds", "reduce_seconds",
-        "phases", "phases_by_rank"}``.  Collective over comm."""
+        "phases", "phases_by_rank"}``; a tile's dark components' columns are skipped (the lit
+        ones' block accumulated apart).  Collective over comm."""
         t0 = time.perf_counter()
         n = self.n_params
         gram = np.zeros((n, n), order="F")
@@ -182,14 +185,24 @@ class Operator:
         yy = 0.0
         timer = PhaseTimer()
         blocks = self.design_blocks(weighting, comm, timer=timer)
+        sub, sub_cols = None, None
         while True:
             with timer.phase("compute"):            # includes the masking/scaling copy in the generator
                 item = next(blocks, None)
+                if item is None or (sub_cols is not None and item[0] is not sub_cols):
+                    if sub is not None:             # a tile with dark components ends: add its block
+                        gram[np.ix_(sub_cols, sub_cols)] += sub
+                    sub, sub_cols = None, None
                 if item is None:
                     break
-                design, target = item
-                syrk_update(gram, design)
-                rhs += design @ target
+                cols, design, target = item
+                if cols.size == n:
+                    syrk_update(gram, design)
+                else:
+                    if sub is None:
+                        sub, sub_cols = np.zeros((cols.size, cols.size), order="F"), cols
+                    syrk_update(sub, design)
+                rhs[cols] += design @ target
                 yy += float(target @ target)
         timer.seconds["compute"] -= timer.seconds["io"]
         t_pass = time.perf_counter() - t0
@@ -206,27 +219,39 @@ class Operator:
         """``{"rhs", "diag", "yy"}`` on every rank (memory O(N)).  Collective over comm."""
         n = self.n_params
         rhs, diag, yy = np.zeros(n), np.zeros(n), 0.0
-        for design, target in self.design_blocks(weighting, comm):
-            rhs += design @ target
-            diag += np.einsum("ij,ij->i", design, design)
+        for cols, design, target in self.design_blocks(weighting, comm):
+            rhs[cols] += design @ target
+            diag[cols] += np.einsum("ij,ij->i", design, design)
             yy += float(target @ target)
         return {"rhs": allreduce_sum(rhs, comm), "diag": allreduce_sum(diag, comm),
                 "yy": float(allreduce_sum(np.array([yy]), comm)[0])}
 
     def gram_columns(self, weighting: Weighting, cols: np.ndarray, comm) -> np.ndarray | None:
         """``G[:, cols]`` (N, k) on rank 0, None elsewhere.  Collective over comm."""
-        block = np.zeros((self.n_params, len(cols)))
-        for design, _ in self.design_blocks(weighting, comm, need_data=False):
-            block += design @ design[cols].T
+        wanted = np.asarray(cols, dtype=int)
+        block = np.zeros((self.n_params, wanted.size))
+        position = np.full(self.n_params, -1)
+        for lit, design, _ in self.design_blocks(weighting, comm, need_data=False):
+            position[:] = -1
+            position[lit] = np.arange(lit.size)
+            here = np.flatnonzero(position[wanted] >= 0)      # requested columns lit on this tile
+            if here.size:
+                block[np.ix_(lit, here)] += design @ design[position[wanted[here]]].T
         return reduce_sum(block, comm)
 
     def residual_chi2(self, weighting: Weighting, x: np.ndarray, comm) -> float:
         """``Σ_{s, λ∈mask} w (y − A x)²`` (as weighted and projected) by a pass of its own.  Collective over comm."""
         chi2 = 0.0
-        for design, target in self.design_blocks(weighting, comm):
-            resid = target - x @ design
+        for cols, design, target in self.design_blocks(weighting, comm):
+            resid = target - x[cols] @ design
             chi2 += float(resid @ resid)
         return float(allreduce_sum(np.array([chi2]), comm)[0])
+
+    def adjoint(self, f, tile, weighting: Weighting, v_w: np.ndarray | None) -> np.ndarray | None:
+        """``Aᵀ √W v`` of the spaxels ``tile = (s0, s1)`` for ``v_w (n, L_used, R)`` (√w-weighted
+        vectors on the used pixels), as ``(R, N)``; None for ``tile=None``.  Collective over the
+        file's communicator in rounds, as :meth:`spectra`."""
+        raise NotImplementedError
 
     # --- models ----------------------------------------------------------------------------------
     def read_blocks(self, x_cp: np.ndarray) -> list:

@@ -8,8 +8,9 @@ equations:
 1. one pass over this rank's S-tiles (LOSVD rows and spectra, collective reads) accumulates
    ``M = Σ_s κ_s κ_sᵀ``, ``b`` and ``yᵀWy``; all three are summed over ranks (float64);
 2. G is contracted block by block over population pairs ``(p-block, p'-block)``, the upper
-   blocks dealt to ranks (one GEMM for Φ's block, one with M for G's), so Φ is never held
-   whole; the blocks are summed on rank 0 by the upper-triangle reduction.
+   blocks dealt to ranks round-robin (one GEMM for Φ's block, one with M for G's), so Φ is
+   never held whole; each block goes to rank 0, which places it and its mirror: only rank 0
+   holds an N×N array.
 
 Exact whenever the builder's ``max(0, ·)`` cannot act (non-negative templates and ``/R_T``);
 :func:`~cubefit_mpi.operators.select.open_operator` checks that before it makes one.
@@ -29,6 +30,7 @@ from ..numerics import factored as fa
 from ..numerics.digest import array_digest
 from ..numerics import polynomials as pl
 from ..numerics.kernels import unit_kernels
+from ..numerics.support import support_map
 from ..parallel.collectives import allreduce_sum, reduce_sum, reduce_upper_to_root
 from ..parallel.decomposition import block_range, padded_schedule, tile_bounds
 from ..parallel.timers import PhaseTimer
@@ -56,6 +58,7 @@ class FactoredOperator(Operator):
         self.m_total: np.ndarray | None = None          # Σ_s κκᵀ (C·K, C·K), once a pass made it
         self._used_basis = None                          # (key, B[..., used]) of :meth:`products`
         self._weighted_basis = None                      # (key, B_w) of the last weighting
+        self.support = support_map(inputs.scale)         # (S, C): dark (s, c) have κ = 0 and are skipped
         self._provenance = {"operator": self.kind, "models.version": "",
                             "models.fingerprint": inputs.fingerprint, "norm.mode": inputs.norm_mode,
                             "amp.mode": inputs.amp_mode,
@@ -138,8 +141,11 @@ class FactoredOperator(Operator):
                 continue
             with timer.phase("compute"):
                 y_w = weighting.project(y[:, weighting.used] * weighting.sqrt_w)
-                m += fa.kappa_gram(kappa)
-                rhs += fa.rhs_contribution(kappa, fa.projections(basis_w, y_w))
+                lit = np.flatnonzero(self.support[tile[0]:tile[1]].any(axis=0))   # components with light here
+                k_lit = np.ascontiguousarray(kappa[:, lit])
+                idx = (lit[:, None] * self.K + np.arange(self.K)[None, :]).reshape(-1)
+                m[np.ix_(idx, idx)] += fa.kappa_gram(k_lit)
+                rhs[lit] += fa.rhs_contribution(k_lit, fa.projections(basis_w, y_w))
                 yy += float(np.sum(y_w * y_w))
         with timer.phase("comm"):
             self.m_total = allreduce_sum(m, comm)
@@ -170,9 +176,10 @@ class FactoredOperator(Operator):
         t0 = time.perf_counter()
         timer = PhaseTimer()
         C, P = self.C, self.P
-        partial = np.zeros((C, P, C, P))
+        correction = None
         if weighting.per_spectrum:
-            rhs, yy, m_terms = self._mult_data_pass(weighting, comm, timer, partial.reshape(C * P, C * P))
+            correction = np.zeros((C * P, C * P))                      # − Σ_s Y_s Y_sᵀ of the tangent's bases
+            rhs, yy, m_terms = self._mult_data_pass(weighting, comm, timer, correction)
             basis_w = self.weighted_basis(weighting, project=False)
             pixel_weights = pl.legendre_basis(self.L, 2 * weighting.mult_degree)[weighting.used].T
             m_terms = np.stack([fa.m_for_contraction(m, C, self.K) for m in m_terms])
@@ -183,20 +190,20 @@ class FactoredOperator(Operator):
         with timer.phase("compute"):
             blocks = fa.population_blocks(P, self.population_block())
             pairs = [(a, b) for i, a in enumerate(blocks) for b in blocks[i:]]
-            lo, hi = block_range(len(pairs), comm.Get_size(), comm.Get_rank())
-            for pa, pb in pairs[lo:hi]:
-                if pixel_weights is None:
-                    block = fa.gram_block(m_terms[0], basis_w, pa, pb)
-                else:
-                    block = fa.weighted_gram_block(m_terms, basis_w, pixel_weights, pa, pb)
-                partial[:, pa[0]:pa[1], :, pb[0]:pb[1]] += block
-                if pa != pb:
-                    partial[:, pb[0]:pb[1], :, pa[0]:pa[1]] += block.transpose(2, 3, 0, 1)
+            if pixel_weights is None:
+                def block_of(pa, pb):
+                    return fa.gram_block(m_terms[0], basis_w, pa, pb)
+            else:
+                def block_of(pa, pb):
+                    return fa.weighted_gram_block(m_terms, basis_w, pixel_weights, pa, pb)
+            gram = self._assemble(pairs, block_of, comm, timer)
         t_pass = time.perf_counter() - t0
-        with timer.phase("comm"):
-            gram = reduce_upper_to_root(partial.reshape(C * P, C * P), comm)
-        del partial
-        if weighting.per_spectrum:
+        if correction is not None:
+            with timer.phase("comm"):
+                correction = reduce_upper_to_root(correction, comm)
+            if gram is not None:
+                gram += correction
+            del correction
             diag = comm.bcast(None if gram is None else gram.diagonal().copy(), root=0)
         else:
             diag = fa.gram_diagonal(self.m_total, basis_w).reshape(-1)
@@ -252,6 +259,7 @@ class FactoredOperator(Operator):
         basis_w = self.weighted_basis(weighting, project=False).reshape(self.K, -1)
         N, L_used = self.n_params, used.size
         step = int(max(1, TILE_BYTES // (8 * N * L_used)))
+        cols = np.arange(N)                                      # every column (dark κ rows are zero)
         for tile, kappa, y in self._pass(comm, need_data=need_data, timer=timer):
             if tile is None:
                 continue
@@ -264,7 +272,38 @@ class FactoredOperator(Operator):
                     target = y[i, used] * sqrt_w if need_data else None
                     target = weigh_spectrum(designs[i - a], target, None if factors is None else factors[i],
                                             None if bases is None else bases[i])
-                    yield designs[i - a], target
+                    yield cols, designs[i - a], target
+
+    def _assemble(self, pairs: list, block_of, comm, timer: PhaseTimer):
+        """G (N, N) on rank 0 (None elsewhere) from its upper block pairs, dealt round-robin: a rank
+        computes its pairs (``block_of(pa, pb) -> (C, |pa|, C, |pb|)``) and sends each block to
+        rank 0, which places it and its mirror.  Only rank 0 holds an N×N array.  Collective over comm."""
+        C, P = self.C, self.P
+        rank, size = comm.Get_rank(), comm.Get_size()
+        gram4 = np.zeros((C, P, C, P)) if rank == 0 else None
+        pending = []
+        for i, (pa, pb) in enumerate(pairs):
+            owner = i % size
+            if owner == rank:
+                block = np.ascontiguousarray(block_of(pa, pb))
+                if rank != 0:
+                    with timer.phase("comm"):
+                        pending.append((comm.Isend(block, dest=0, tag=i), block))
+                        if len(pending) > 2:                  # at most two blocks in flight
+                            pending.pop(0)[0].Wait()
+                    continue
+            elif rank == 0:
+                block = np.empty((C, pa[1] - pa[0], C, pb[1] - pb[0]))
+                with timer.phase("comm"):
+                    comm.Recv(block, source=owner, tag=i)
+            else:
+                continue
+            gram4[:, pa[0]:pa[1], :, pb[0]:pb[1]] = block
+            if pa != pb:
+                gram4[:, pb[0]:pb[1], :, pa[0]:pa[1]] = block.transpose(2, 3, 0, 1)
+        for request, _ in pending:
+            request.Wait()
+        return None if gram4 is None else gram4.reshape(C * P, C * P)
 
     def diagonal_pass(self, weighting: Weighting, comm) -> dict:
         if weighting.per_spectrum:
@@ -322,6 +361,20 @@ class FactoredOperator(Operator):
             out[a:a + step] = fa.spectrum_products(kappa[a:a + step], basis_u, vectors[a:a + step])
         return out
 
+    def adjoint(self, f, tile, weighting: Weighting, v_w: np.ndarray | None) -> np.ndarray | None:
+        kappa = self.read_kappa(f, tile)
+        if tile is None:
+            return None
+        basis_w = self.weighted_basis(weighting, project=False)
+        K, P, lu = basis_w.shape
+        n, R = v_w.shape[0], v_w.shape[2]
+        z = np.einsum("ql,slr->sqr", basis_w.reshape(K * P, lu), v_w).reshape(n * K, P * R)   # (n·K, P·R)
+        rhs = kappa.transpose(1, 0, 2).reshape(self.C, n * K) @ z                                    # (C, P·R)
+        return rhs.reshape(self.C, P, R).transpose(2, 0, 1).reshape(R, self.n_params)
+
     def tile_models(self, kappa: np.ndarray, c0: int, c1: int, dtype=np.float32) -> np.ndarray:
-        """``A[s-tile, c0:c1]`` ``(n, c1 - c0, P, L)`` from the tile's ``κ``, clipped as the builder.  Local."""
-        return fa.model_tile(kappa[:, c0:c1], self.basis, dtype=dtype)
+        """``A[s-tile, c0:c1]`` ``(n, c1 - c0, P, L)`` from the tile's ``κ``, clipped as the builder;
+        the (s, c) rows without light (κ = 0) are zero without a product.  Local."""
+        return fa.lit_model_tile(kappa[:, c0:c1], self.basis, dtype)
+
+

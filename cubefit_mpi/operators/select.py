@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from ..config.errors import InputError
 from ..io import layout as lay
 from ..io.h5file import open_h5
@@ -22,6 +24,7 @@ from ..io.model_inputs import ModelInputs
 from ..numerics.factored import factors_are_exact
 from ..numerics.kernels import DEFAULT_AMP
 from ..numerics.normalization import DEFAULT_NORM
+from ..numerics.support import support_map
 from .base import OPERATOR_CHOICES, Operator
 from .factored import FactoredOperator
 from .hypercube import HypercubeOperator
@@ -49,7 +52,7 @@ def open_operator(path: str, requested: str = "auto", *, norm_mode: str | None =
         if requested == "hypercube" or (requested == "auto" and has_cube):
             models = require_usable_models(f, comm)
             if requested == "hypercube" or foreign or prefer_stored:
-                return HypercubeOperator(path, models, f[lay.HYPERCUBE].attrs)
+                return HypercubeOperator(path, models, f[lay.HYPERCUBE].attrs, stored_support(f, models))
         norm = norm_mode or (str(attrs["norm.mode"]) if has_cube and "norm.mode" in attrs else DEFAULT_NORM)
         amp = amp_mode or (str(attrs["amp.mode"]) if has_cube and "amp.mode" in attrs else DEFAULT_AMP)
         inputs = ModelInputs.read(f, norm, amp, comm)
@@ -62,4 +65,12 @@ def open_operator(path: str, requested: str = "auto", *, norm_mode: str | None =
         if not has_cube:
             raise InputError(f"{reason}: this file needs its hypercube; run `cubefit_mpi build {path}` first")
         _LOG.info("operator: %s; using the hypercube as stored", reason)
-        return HypercubeOperator(path, models, f[lay.HYPERCUBE].attrs)
+        return HypercubeOperator(path, models, f[lay.HYPERCUBE].attrs, stored_support(f, models))
+
+
+def stored_support(f, models):
+    """``(S, C) bool`` lit (s, c) of a hypercube built here (``/HyperCube/norm/losvd_amp > 0``), or
+    None (every pair is taken as lit) for a hypercube made elsewhere.  Local."""
+    if lay.LOSVD_AMP not in f or f[lay.LOSVD_AMP].shape != models.shape[:2]:
+        return None
+    return support_map(np.asarray(f[lay.LOSVD_AMP][...]))

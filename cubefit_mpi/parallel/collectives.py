@@ -160,11 +160,22 @@ def reduce_upper_to_root(matrix: np.ndarray, comm=None) -> np.ndarray | None:
     comm = get_comm(comm)
     n = matrix.shape[0]
     out = np.zeros((n, n)) if comm.Get_rank() == 0 else None
-    for i0, i1 in upper_row_blocks(n):
+    blocks = upper_row_blocks(n)
+    for i0, i1 in blocks:
         part = reduce_sum(np.ascontiguousarray(matrix[i0:i1, i0:]), comm)
         if out is not None:
             out[i0:i1, i0:] = part
     if out is not None:
-        upper = np.triu(out)
-        out = upper + np.triu(upper, 1).T
+        symmetrise_from_upper(out, blocks)
     return out
+
+
+def symmetrise_from_upper(matrix: np.ndarray, blocks: list[tuple[int, int]] | None = None) -> None:
+    """Copy the upper triangle of the square ``matrix`` onto its lower one, in place, a row
+    block at a time (no full-size temporary).  Local."""
+    n = matrix.shape[0]
+    for i0, i1 in blocks or upper_row_blocks(n):
+        diag = matrix[i0:i1, i0:i1]
+        upper = np.triu(diag)
+        matrix[i0:i1, i0:i1] = upper + np.triu(upper, 1).T
+        matrix[i0:i1, :i0] = matrix[:i0, i0:i1].T

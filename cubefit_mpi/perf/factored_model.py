@@ -7,11 +7,12 @@ The terms (flops counted as multiply-adds × 2; see :mod:`cubefit_mpi.operators.
   ``/DataCube`` once (S·(V·C + L)·8 bytes);
 * the contraction, shared by the ranks over (p-block, p'-block) pairs: Φ's blocks
   ((K·P)²·L_used, half by symmetry ×2) and G's (C²·K²·P², half by symmetry ×2);
-* the reductions: ``M`` and ``b`` summed everywhere, G's upper triangle to rank 0 (as the solver);
+* the communication: ``M`` and ``b`` summed everywhere, G's upper blocks sent to rank 0 (N²/2
+  doubles, one copy: no rank but rank 0 holds an N×N array);
 * the rank-0 NNLS (:func:`cubefit_mpi.perf.model.nnls_seconds`).
 
-Every rank holds a partial G while the blocks are reduced, so the G budget sets the ranks per
-node; :func:`best_layout` picks the most ranks per node whose partial G fits, the rest of the
+Rank 0 holds G (and the NNLS its factor), so the G budget sets the ranks per node;
+:func:`best_layout` picks the most ranks per node whose budget still holds G, the rest of the
 node's cores as BLAS threads.  Local (no MPI).
 """
 from __future__ import annotations
@@ -49,11 +50,11 @@ def predict_factored_solve(problem: sm.Problem, machine: sm.Machine, layout: sm.
     io = read_bytes / min(machine.read_bw_rank, machine.read_bw_node / layout.ranks_per_node) * layout.shared(machine)
     ck = problem.C * problem.K
     comm = (sm.message_seconds(machine, ranks, ck * ck * sm.BYTES_F64)
-            + sm.message_seconds(machine, ranks, sm.gram_reduce_elements(problem.N) * sm.BYTES_F64)
+            + (problem.N ** 2 / 2.0 * sm.BYTES_F64 / machine.bandwidth if ranks > 1 else 0.0)
             + 2 * sm.message_seconds(machine, ranks, problem.N * sm.BYTES_F64))
     serial = sm.nnls_seconds(machine, problem.N, problem.k)
-    notes = [f"{layout.ranks_per_node} rank(s) per node x {threads} threads (a partial G of "
-             f"{problem.N ** 2 * sm.BYTES_F64 / 2**30:.1f} GiB per rank)"]
+    notes = [f"{layout.ranks_per_node} rank(s) per node x {threads} threads (G of "
+             f"{problem.N ** 2 * sm.BYTES_F64 / 2**30:.1f} GiB on rank 0)"]
     if problem.N ** 2 * sm.BYTES_F64 > machine.gram_budget(layout.ranks_per_node):
         notes.append("G does not fit even one rank per node: the working-set method would be used")
     return sm.Prediction("solve", ranks, layout.nodes, "factored", machine.solve_setup_seconds, compute, io, comm,

@@ -171,7 +171,7 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
                                amp_mode=amp_mode, add_degree=add_degree, comm=comm)
     targets = parse_orbit_weights(orbit_weights, inputs.C, path)
     reg = Regularization.build(inputs.C, inputs.P, ridge=ridge, regul=regul, regul_order=regul_order,
-                               pop_shape=_pop_shape(path, inputs.P, comm), orbit_targets=targets,
+                               pop_shape=population_shape(path, inputs.P, comm), orbit_targets=targets,
                                orbit_strength=orbit_strength)
     if inputs.weights is not None and comm.Get_rank() == 0:
         from ..numerics.lambda_weights import weights_banner
@@ -181,8 +181,10 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
     _LOG.info("exact solve of N=%d (C=%d, P=%d) by the %s method on %d rank(s)", inputs.n_params, inputs.C,
               inputs.P, method, comm.Get_size())
     x, stats = _solve(method, inputs, reg, budget=budget, tol=tol, use_cache=use_cache, comm=comm)
-    stats.update(method=f"exact-{method}", operator=inputs.operator.kind, n_params=inputs.n_params, n_ranks=comm.Get_size(), ridge=ridge,
-                 regul=regul, regul_order=regul_order, orbit_strength=orbit_strength)
+    stats.update(method=f"exact-{method}", operator=inputs.operator.kind, n_params=inputs.n_params,
+                 n_ranks=comm.Get_size(), ridge=ridge, regul=regul, regul_order=regul_order,
+                 orbit_strength=orbit_strength, use_weights=bool(use_weights),
+                 norm_mode=inputs.operator.norm_mode, amp_mode=inputs.operator.amp_mode)
     if verify:
         _verify(inputs, x, stats, comm)
     else:
@@ -268,7 +270,8 @@ def discard_cache(path: str, comm) -> None:
                 del f[name]
 
 
-def _pop_shape(path: str, n_pop: int, comm):
+def population_shape(path: str, n_pop: int, comm) -> tuple:
+    """The population grid ``pop_shape`` of ``/Templates`` when it fits ``n_pop``, else ``(n_pop,)``.  Collective."""
     with open_h5(path, "r", comm) as f:
         if lay.TEMPLATES in f and "pop_shape" in f[lay.TEMPLATES].attrs:
             shape = tuple(int(v) for v in f[lay.TEMPLATES].attrs["pop_shape"])

@@ -25,7 +25,7 @@ from ..config.knobs import get_knobs
 from ..config.options import keyword_checked
 from ..io import layout as lay
 from ..io.blocks import read_block, write_block
-from ..io.datasets import default_chunks, parse_compression, replace_dataset
+from ..io.datasets import allocated_now, default_chunks, parse_compression, replace_dataset
 from ..io.h5file import open_h5, open_uncached
 from ..io.hypercube_state import CONVERTING_ATTR, RECOMPRESS_OLD, RECOMPRESS_TMP, mark_models_changed
 from ..io.manager import H5Manager
@@ -33,7 +33,8 @@ from ..io.model_inputs import ModelInputs, check_modes
 from ..io.validation import validate_inputs
 from ..numerics.column_energy import pixel_weights, tile_energy
 from ..numerics.convolve import FFTConvolver
-from ..numerics.factored import factors_are_exact, kernel_weights, model_tile, template_basis
+from ..numerics.factored import factors_are_exact, kernel_weights, lit_model_tile, template_basis
+
 from ..numerics.kernels import DEFAULT_AMP, unit_kernels
 from ..numerics.normalization import DEFAULT_NORM
 from ..parallel.collectives import agree, allreduce_sum
@@ -70,8 +71,8 @@ def _unit_filler(inp: ModelInputs, method: str, knobs):
     if method == "gemm":
         basis = template_basis(inp.templates, inp.shifts, inp.rebin_lt)
 
-        def fill(kernels, s0, s1, c0, c1):
-            return model_tile(kernel_weights(kernels[:, c0:c1], inp.scale[s0:s1, c0:c1]), basis)
+        def fill(kernels, s0, s1, c0, c1):            # (s, c) without light: zeros, no product
+            return lit_model_tile(kernel_weights(kernels[:, c0:c1], inp.scale[s0:s1, c0:c1]), basis)
     else:
         conv = FFTConvolver(inp.templates, inp.shifts, threads=knobs.fft_threads)
 
@@ -362,11 +363,8 @@ def _create_datasets(f, d, plan: _Plan) -> None:
         if CONVERTING_ATTR in f[lay.HYPERCUBE].attrs:
             del f[lay.HYPERCUBE].attrs[CONVERTING_ATTR]
     group = f.require_group(lay.HYPERCUBE)
-    import h5py
-
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    if filt is None:                     # allocate everything now; never write fill values (1 TB of zeros)
-        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    # uncompressed: allocate everything now; never write fill values (1 TB of zeros)
+    dcpl = allocated_now() if filt is None else None
     f.create_dataset(lay.MODELS, shape=(d.S, d.C, d.P, d.L), dtype="f4", chunks=chunks + (d.L,),
                      compression=filt, compression_opts=filt_opt, dcpl=dcpl, fill_time="never")
     f.create_dataset(lay.DONE, shape=grid, dtype="u1", fillvalue=0)

@@ -21,6 +21,9 @@ Files written into ``out_dir`` (only those whose inputs exist):
     the multiplicative factor ``g_s(λ)`` and the additive term ``Σ_j a_sj P_j(λ)`` (relative to
     each spectrum's median flux) over all spaxels: median and 5–95 % range.  The models of the
     spectra include them.
+``uncertainty.png``
+    component totals, mean age and [M/H] with their bootstrap intervals, and per component the
+    weights' median and interval width (:mod:`.plots_uncertainty`; needs a current ``/Uncertainty``).
 
 Reads only the rows it draws (plus the small per-spaxel statistics).  Importing this module
 imports neither matplotlib nor pyplot; figures are drawn on ``FigureCanvasAgg`` without pyplot,
@@ -41,6 +44,9 @@ from ..operators.select import open_operator
 from ..numerics.reconstruction import residual_stats, x_checksum
 from ..parallel.collectives import agree, raise_if_any
 from ..parallel.comm import get_comm, mpi
+from ..solvers.uncertainty import bootstrap_is_current
+from .figures import new_figure, population_axes, population_grid, read_truth, save_png, set_ticks
+from .plots_uncertainty import UNCERTAINTY_PNG, has_uncertainty, plot_uncertainty
 from .recon import (
     CHI2_SUFFIX, RECON_DEFAULT, RMSE_SUFFIX, model_rows, normalise_name, read_mask_and_weights, read_x
 )
@@ -54,8 +60,6 @@ CONVERGENCE_PNG = "convergence.png"
 RMSE_MAP_PNG = "rmse_map.png"
 POLYNOMIALS_PNG = "polynomials.png"
 ORBIT_WEIGHTS = "/Solve/orbit_weights"
-POP_AXES = (("/Populations/log_age", "log age [yr]"), ("/Populations/metallicity", "[M/H]"))
-DPI = 100
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +131,10 @@ def draw_all(path: str, out_dir: str, *, n_spaxels: int, recon: str, x_dataset: 
         add, mult, _ = read_polynomials(f, f[lay.DATACUBE].shape[0], x_cp)
         if add is not None or mult is not None:
             written.append(plot_polynomials(f, os.path.join(out_dir, POLYNOMIALS_PNG), add, mult))
+        if has_uncertainty(f) and x_dataset == lay.X_GLOBAL and bootstrap_is_current(f):
+            written.append(plot_uncertainty(f, os.path.join(out_dir, UNCERTAINTY_PNG), x_cp))
+        elif has_uncertainty(f):
+            _LOG.info("no uncertainty figure: %s was made for another x than %s", lay.UNCERTAINTY, x_dataset)
     sidecar = newest_sidecar(path)
     if sidecar is None:
         _LOG.info("no convergence plot: no fit-tracker sidecar %s.fit.*.h5", path)
@@ -165,7 +173,7 @@ def draw_fit(f, path: str, out_dir: str, x, *, n_spaxels: int = 3, recon: str | 
         raise InputError(f"x: expected C*P = {n_comp}*{n_pop} values, got {x_cp.size}")
     x_cp = x_cp.reshape(n_comp, n_pop)
     os.makedirs(out_dir, exist_ok=True)
-    truth = _read_truth(f, n_comp, n_pop)
+    truth = read_truth(f, n_comp, n_pop)
     return [plot_spectra(f, path, os.path.join(out_dir, SPECTRA_PNG), n_spaxels, recon, x_cp, rank_by, x_note),
             plot_populations(f, os.path.join(out_dir, POPULATIONS_PNG), x_cp, truth),
             plot_totals(f, os.path.join(out_dir, TOTALS_PNG), x_cp, truth)]
@@ -174,27 +182,6 @@ def draw_fit(f, path: str, out_dir: str, x, *, n_spaxels: int = 3, recon: str | 
 # ---------------------------------------------------------------------------------------------
 # helpers (local)
 # ---------------------------------------------------------------------------------------------
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, out_path: str) -> str:
-    """Write the PNG to a temporary file beside ``out_path``, then rename it over (atomic)."""
-    tmp = f"{out_path}.{os.getpid()}.tmp"
-    try:
-        fig.savefig(tmp, dpi=DPI, format="png")
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out_path
-
-
 def _components_populations(f, path: str) -> tuple[int, int]:
     if lay.MODELS in f and len(f[lay.MODELS].shape) == 4:
         return tuple(int(n) for n in f[lay.MODELS].shape[1:3])
@@ -210,12 +197,6 @@ def _check_recon(f, recon: str, x_cp: np.ndarray) -> None:
     stored = f[recon].attrs.get("recon.x_crc32")
     if stored is not None and int(stored) != x_checksum(x_cp):
         _LOG.warning("%s was made from another x than the current one; rerun `cubefit_mpi recon`", recon)
-
-
-def _read_truth(f, n_comp: int, n_pop: int) -> np.ndarray | None:
-    if lay.TRUTH_X in f and f[lay.TRUTH_X].size == n_comp * n_pop:
-        return np.asarray(f[lay.TRUTH_X][...], dtype=np.float64).reshape(n_comp, n_pop)
-    return None
 
 
 def masked_spans(used: np.ndarray | None, wave: np.ndarray) -> list[tuple[float, float]]:
@@ -281,7 +262,7 @@ def plot_spectra(f, path: str, out_path: str, n: int, recon: str | None, x_cp: n
     where = {int(s): i for i, s in enumerate(rows)}
     spans = masked_spans(used, wave)
     n_panels = max(len(best), len(worst), 1)
-    fig = _new_figure(12, 2.6 * n_panels + 0.6)
+    fig = new_figure(12, 2.6 * n_panels + 0.6)
     grid = fig.add_gridspec(2 * n_panels, 2, height_ratios=[3, 1] * n_panels)
     for col, (label, chosen) in enumerate((("best", best), ("worst", worst))):
         for k, s in enumerate(chosen):
@@ -305,58 +286,30 @@ def plot_spectra(f, path: str, out_path: str, n: int, recon: str | None, x_cp: n
             if k == len(chosen) - 1:
                 bottom.set_xlabel(xlabel)
     fig.suptitle(f"best / worst spaxels, {source}; grey = masked", fontsize=10)
-    return _save(fig, out_path)
-
-
-def _pop_axes(f, pop_shape: tuple[int, int]) -> list[tuple[str, np.ndarray | None]]:
-    """Label and tick values of both population-grid axes, from ``/Populations`` when it fits."""
-    axes: list[tuple[str, np.ndarray | None]] = [("population index (axis 0)", None),
-                                                 ("population index (axis 1)", None)]
-    for name, label in POP_AXES:
-        if name not in f or f[name].size != pop_shape[0] * pop_shape[1]:
-            continue
-        grid = np.asarray(f[name][...], dtype=np.float64).reshape(pop_shape)
-        for axis in (0, 1):
-            along = grid[:, :1] if axis == 0 else grid[:1, :]
-            if np.allclose(grid, along) and axes[axis][1] is None:
-                axes[axis] = (label, along.reshape(-1))
-                break
-    return axes
-
-
-def _set_ticks(ax, which: str, values: np.ndarray | None, n: int) -> None:
-    stride = max(1, -(-n // 8))
-    pos = np.arange(0, n, stride)
-    getattr(ax, f"set_{which}ticks")(pos)
-    if values is not None:
-        getattr(ax, f"set_{which}ticklabels")([f"{values[i]:.3g}" for i in pos], fontsize=7)
+    return save_png(fig, out_path)
 
 
 def plot_populations(f, out_path: str, x_cp: np.ndarray, truth: np.ndarray | None) -> str:
     """Population weights per component (image over the grid, else bars), truth beside.  Local."""
     n_comp, n_pop = x_cp.shape
-    pop_shape = None
-    if lay.TEMPLATES in f and "pop_shape" in f[lay.TEMPLATES].attrs:
-        pop_shape = tuple(int(v) for v in np.atleast_1d(f[lay.TEMPLATES].attrs["pop_shape"]))
-        if len(pop_shape) != 2 or pop_shape[0] * pop_shape[1] != n_pop:
-            pop_shape = None
+    pop_shape = population_grid(f, n_pop)
     panels = [("fit", x_cp)] + ([("truth", truth)] if truth is not None else [])
     if pop_shape is not None:
-        (xlab, xval), (ylab, yval) = _pop_axes(f, pop_shape)
-        fig = _new_figure(4.2 * len(panels), 3.0 * n_comp + 0.4)
+        (xlab, xval), (ylab, yval) = population_axes(f, pop_shape)
+        fig = new_figure(4.2 * len(panels), 3.0 * n_comp + 0.4)
         for c in range(n_comp):
             for j, (name, weights) in enumerate(panels):
                 ax = fig.add_subplot(n_comp, len(panels), c * len(panels) + j + 1)
                 image = ax.imshow(weights[c].reshape(pop_shape).T, origin="lower", aspect="auto",
                                   cmap="viridis", vmin=0.0, interpolation="nearest")
                 fig.colorbar(image, ax=ax, shrink=0.9)
-                _set_ticks(ax, "x", xval, pop_shape[0])
-                _set_ticks(ax, "y", yval, pop_shape[1])
+                set_ticks(ax, "x", xval, pop_shape[0])
+                set_ticks(ax, "y", yval, pop_shape[1])
                 ax.set_xlabel(xlab, fontsize=8)
                 ax.set_ylabel(ylab, fontsize=8)
                 ax.set_title(f"component {c}: {name} (Σ={weights[c].sum():.3g})", fontsize=9)
     else:
-        fig = _new_figure(max(6.0, 0.25 * n_pop + 2), 2.4 * n_comp + 0.4)
+        fig = new_figure(max(6.0, 0.25 * n_pop + 2), 2.4 * n_comp + 0.4)
         width = 0.8 / len(panels)
         for c in range(n_comp):
             ax = fig.add_subplot(n_comp, 1, c + 1)
@@ -368,7 +321,7 @@ def plot_populations(f, out_path: str, x_cp: np.ndarray, truth: np.ndarray | Non
         ax.set_xlabel("population p")
     fig.suptitle("population weights x[c, p]" + (" (fit beside truth)" if truth is not None else ""),
                  fontsize=10)
-    return _save(fig, out_path)
+    return save_png(fig, out_path)
 
 
 def plot_totals(f, out_path: str, x_cp: np.ndarray, truth: np.ndarray | None) -> str:
@@ -380,7 +333,7 @@ def plot_totals(f, out_path: str, x_cp: np.ndarray, truth: np.ndarray | None) ->
         series.append(("orbit-weight target", np.asarray(f[ORBIT_WEIGHTS][...], dtype=np.float64).reshape(-1)))
     if truth is not None:
         series.append(("truth", truth.sum(axis=1)))
-    fig = _new_figure(max(5.0, 1.2 * n_comp + 2), 3.6)
+    fig = new_figure(max(5.0, 1.2 * n_comp + 2), 3.6)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / len(series)
     for j, (name, values) in enumerate(series):
@@ -394,7 +347,7 @@ def plot_totals(f, out_path: str, x_cp: np.ndarray, truth: np.ndarray | None) ->
     ax.set_ylabel("fraction of Σ x")
     ax.set_title("component totals Σ_p x[c, p] (labels: fitted totals)", fontsize=10)
     ax.legend(fontsize=8)
-    return _save(fig, out_path)
+    return save_png(fig, out_path)
 
 
 def plot_rmse_map(f, out_path: str, recon: str) -> str:
@@ -403,7 +356,7 @@ def plot_rmse_map(f, out_path: str, recon: str) -> str:
     rmse = np.asarray(f[recon + RMSE_SUFFIX][...], dtype=np.float64)
     if xy.shape != (rmse.size, 2):
         raise InputError(f"{lay.SPAXEL_XY}: expected shape ({rmse.size}, 2), got {xy.shape}")
-    fig = _new_figure(6, 5)
+    fig = new_figure(6, 5)
     ax = fig.add_subplot(1, 1, 1)
     size = float(np.clip((260.0 / np.sqrt(max(rmse.size, 1))) ** 2, 2.0, 400.0))
     points = ax.scatter(xy[:, 0], xy[:, 1], c=rmse, s=size, marker="s", cmap="magma", linewidths=0)
@@ -412,7 +365,7 @@ def plot_rmse_map(f, out_path: str, recon: str) -> str:
     ax.set_xlabel("x [arcsec]")
     ax.set_ylabel("y [arcsec]")
     ax.set_title(f"residual rmse per spaxel ({recon}{RMSE_SUFFIX})", fontsize=10)
-    return _save(fig, out_path)
+    return save_png(fig, out_path)
 
 
 def plot_polynomials(f, out_path: str, add: np.ndarray | None, mult: np.ndarray | None) -> str:
@@ -434,7 +387,7 @@ def plot_polynomials(f, out_path: str, add: np.ndarray | None, mult: np.ndarray 
         with np.errstate(invalid="ignore", divide="ignore"):
             panels.append((f"additive term / median flux (degree {add.shape[1] - 1})",
                            term / np.where(np.abs(flux) > 0, np.abs(flux), np.nan)[:, None]))
-    fig = _new_figure(6.0 * len(panels), 3.6)
+    fig = new_figure(6.0 * len(panels), 3.6)
     for i, (title, values) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         lo, mid, hi = np.nanpercentile(values, [5, 50, 95], axis=0)
@@ -444,7 +397,7 @@ def plot_polynomials(f, out_path: str, add: np.ndarray | None, mult: np.ndarray 
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(f"fitted polynomials over {n_s} spaxels", fontsize=10)
-    return _save(fig, out_path)
+    return save_png(fig, out_path)
 
 
 def newest_sidecar(path: str) -> str | None:
@@ -482,7 +435,7 @@ def plot_convergence(sidecar: str, out_path: str) -> str | None:
         _LOG.info("%s: empty history; no convergence plot", sidecar)
         return None
     step = hist["step"]
-    fig = _new_figure(7, 4)
+    fig = new_figure(7, 4)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(step, hist["rmse"], label="rmse", color="tab:blue", lw=0.8, alpha=0.7)
     ax.plot(step, hist["ewma"], label="ewma", color="tab:red", lw=1.5)
@@ -495,4 +448,4 @@ def plot_convergence(sidecar: str, out_path: str) -> str | None:
     ax.set_ylabel("rmse")
     ax.set_title(f"convergence ({os.path.basename(sidecar)}; dotted = new epoch)", fontsize=9)
     ax.legend(fontsize=8)
-    return _save(fig, out_path)
+    return save_png(fig, out_path)
