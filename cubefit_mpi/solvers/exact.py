@@ -25,6 +25,7 @@ from ..config.options import check_number, keyword_checked
 from ..io import layout as lay
 from ..io.blocks import write_block
 from ..io.h5file import open_h5
+from ..io.polynomials import write_polynomials
 from ..numerics.regularization import Regularization
 from ..parallel.comm import get_comm
 from ..parallel.comm import ranks_on_node
@@ -131,8 +132,8 @@ def gram_system(inputs: SolveInputs, *, use_cache: bool = True, comm=None) -> di
 def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, regul_order: int = 2,
                 orbit_weights=None, orbit_strength: float | None = None, use_cache: bool = True, verify: bool = True,
                 use_weights: bool = True, tol: float = 1e-10, exact_method: str = "auto", comm=None,
-                operator: str = "auto", norm_mode: str | None = None, amp_mode: str | None = None
-                ) -> tuple[np.ndarray, dict]:
+                operator: str = "auto", norm_mode: str | None = None, amp_mode: str | None = None,
+                add_degree: int | None = None, mult_degree: int | None = None) -> tuple[np.ndarray, dict]:
     """Solve for ``/X_global`` exactly.  Collective over comm.
 
     Parameters
@@ -149,17 +150,24 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
     operator : {"auto", "factored", "hypercube"}  where A comes from: its two factors (no
         hypercube needed) or ``/HyperCube/models`` (:mod:`cubefit_mpi.operators.select`)
     norm_mode, amp_mode : the normalisation of factored models of a file without a hypercube
+    add_degree : int, optional  additive Legendre terms up to this degree per spectrum, eliminated
+        exactly (None or -1: none); stored at ``/Solve/add_poly``
+    mult_degree : int, optional  multiplicative Legendre terms of degrees 1..D per spectrum (None
+        or 0: none), fitted by exact alternating steps (:mod:`.polynomials`); ``/Solve/mult_poly``
 
     Returns
     -------
     x : (C·P,) float64, row-major over (C, P)
     stats : dict (χ², certificate, sizes, timings)
     """
+    from .polynomials import check_degrees, fit_polynomials
+
     comm = get_comm(comm)
     t0 = time.perf_counter()
     ridge, regul, orbit_strength = _check_terms(ridge, regul, regul_order, orbit_weights, orbit_strength)
+    add_degree, mult_degree = check_degrees(add_degree, mult_degree)
     inputs = load_solve_inputs(path, use_weights=use_weights, operator=operator, norm_mode=norm_mode,
-                               amp_mode=amp_mode, comm=comm)
+                               amp_mode=amp_mode, add_degree=add_degree, comm=comm)
     targets = parse_orbit_weights(orbit_weights, inputs.C, path)
     reg = Regularization.build(inputs.C, inputs.P, ridge=ridge, regul=regul, regul_order=regul_order,
                                pop_shape=population_shape(path, inputs.P, comm), orbit_targets=targets,
@@ -180,9 +188,14 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
         _verify(inputs, x, stats, comm)
     else:
         stats["chi2"] = stats["chi2_formula"]
+    polynomials = {}
+    if add_degree >= 0 or mult_degree > 0:
+        x, stats, polynomials = fit_polynomials(inputs, reg, x, stats, mult_degree, _solve_on_root, method=method,
+                                                tol=tol, gram_system=gram_system, comm=comm)
     stats["component_totals"] = x.reshape(inputs.C, inputs.P).sum(axis=1)
     stats["seconds"] = time.perf_counter() - t0
     _write_solution(path, x, stats, targets, comm)
+    write_polynomials(path, x, polynomials, polynomials.get("attrs"), comm)
     _log_summary(stats)
     return x, stats
 
@@ -295,6 +308,8 @@ def _write_solution(path: str, x: np.ndarray, stats: dict, targets, comm) -> Non
                 group.attrs[key] = value
         group.attrs["solved_at"] = comm.bcast(time.strftime("%Y-%m-%dT%H:%M:%S") if root else None)
         f[lay.X_GLOBAL].attrs["method"] = "exact"
+        f[lay.X_GLOBAL].attrs["add_degree"] = int(stats.get("poly.add_degree", -1))
+        f[lay.X_GLOBAL].attrs["mult_degree"] = int(stats.get("poly.mult_degree", 0))
         f[lay.X_GLOBAL].attrs["chi2"] = stats["chi2"]
         f[lay.X_GLOBAL].attrs["layout"] = "row-major (C, P)"
 

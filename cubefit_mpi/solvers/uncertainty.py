@@ -37,6 +37,7 @@ from ..parallel.comm import get_comm
 from ..parallel.decomposition import padded_schedule
 from .exact import ORBIT_WEIGHTS, gram_system, population_shape
 from .gram import load_solve_inputs
+from .polynomials import check_degrees
 from .root_nnls import exact_nnls
 
 _LOG = logging.getLogger("cubefit_mpi.uncertainty")
@@ -129,6 +130,20 @@ def bootstrap_is_current(f) -> bool:
     return str(f[REPLICATES].attrs.get("x.digest", "")) == array_digest(x)
 
 
+def refuse_polynomials(add_degree, mult_degree, where: str) -> None:
+    """Raise :class:`InputError` for a fit with polynomials (``where``: what says so).  Local.
+
+    A replicate is one NNLS on the plain fit's normal equations with the data changed; a fit
+    with additive or multiplicative polynomials would need them refitted in every replicate
+    (the projection, the alternation), which the bootstrap does not do.
+    """
+    add, mult = check_degrees(add_degree, mult_degree)
+    if add >= 0 or mult > 0:
+        raise InputError(f"{where}: the fit has polynomials (--add-degree {add}, --mult-degree {mult}); the "
+                         f"bootstrap refits only x on the plain normal equations, not the polynomials: bootstrap "
+                         f"a fit without --add-degree/--mult-degree")
+
+
 def _read_fit(path: str, method: str, comm) -> dict:
     """x̂ and the settings of the exact fit (``/X_global``, ``/Solve`` attributes); refuses a file
     the bootstrap cannot use before anything is written.  Collective."""
@@ -141,6 +156,8 @@ def _read_fit(path: str, method: str, comm) -> dict:
         if str(f[lay.X_GLOBAL].attrs.get("method", "")) != "exact":
             raise InputError(f"{lay.X_GLOBAL}: made by {f[lay.X_GLOBAL].attrs.get('method', '?')}; the bootstrap "
                              f"reuses an exact fit's normal equations: run `cubefit_mpi solve {path}` first")
+        refuse_polynomials(int(f[lay.X_GLOBAL].attrs.get("add_degree", -1)),
+                           int(f[lay.X_GLOBAL].attrs.get("mult_degree", 0)), lay.X_GLOBAL)
         a = dict(f[lay.SOLVE].attrs)
         fit = {"x": np.asarray(f[lay.X_GLOBAL][...], dtype=np.float64),
                "ridge": float(a.get("ridge", 0.0)), "regul": float(a.get("regul", 0.0)),

@@ -62,11 +62,13 @@ def read_x_global(path, n, comm, *, require_exact: bool):
         if lay.X_GLOBAL in f and f[lay.X_GLOBAL].shape == (n,):
             method = f[lay.X_GLOBAL].attrs.get("method", "")
             method = method.decode() if isinstance(method, bytes) else str(method)
-            if method == "exact":
+            plain = (int(f[lay.X_GLOBAL].attrs.get("add_degree", -1)) < 0
+                     and int(f[lay.X_GLOBAL].attrs.get("mult_degree", 0)) == 0)     # no polynomials fitted
+            if method == "exact" and plain:
                 return np.asarray(f[lay.X_GLOBAL][...], dtype=np.float64)
     if require_exact:
         raise InputError(f"{lay.X_GLOBAL}: warm_start='exact' needs an exact solution of length {n} "
-                         f"(attribute method='exact'); run `cubefit_mpi solve {path}` first")
+                         f"(attribute method='exact', no polynomials); run `cubefit_mpi solve {path}` first")
     return None
 
 
