@@ -38,6 +38,7 @@ SPAXELS_BIN_MAP = "/Spaxels/bin_map"        # (ny, nx) int64 bin id used per spa
 SPAXELS_N_MEMBERS = "/Spaxels/n_members"    # (S,) int64 spaxels combined into each spectrum
 SPAXELS_DROPPED = "/Spaxels/dropped_yx"     # (n, 2) int64 spaxels left out: no usable value
 SOLVE = "/Solve"                    # exact solver cache & certificate
+X_EXACT = "/Solve/x_exact"          # (C*P,) the exact /X_global, kept when Kaczmarz overwrites it
 
 
 
