@@ -19,6 +19,9 @@ from cubefit_mpi.stages.mock import make_mock
 
 SELF = MPI.COMM_SELF
 EPOCHS = 20
+# the solver's float64 residual pass against the test's Gram formula ½yᵀWy − bᵀx + ½xᵀGx (which
+# loses digits to cancellation: ½yᵀWy is ~100× the objective here)
+PASS_RTOL = 1e-8
 # the ill-conditioned case of issue 18 made small: S 96, C 3, P 16, L 200, S/N 30, S-tiles of 8
 ILL = MockSpec(spaxels=96, components=3, populations=16, wavelengths=200, seed=1, snr=30.0)
 
@@ -80,7 +83,7 @@ def test_unguarded_iteration_ends_worse_than_its_best_epoch(ill, tmp_path):
         values = [f(v) for v in xs]
         assert np.array_equal(x, xs[-1]) and st["objective_source"] == "off"
         assert f(x) > 1.2 * min(values), (bands, f(x), min(values))      # well above its best epoch
-        assert st["objective"] == pytest.approx(f(x), rel=1e-9)
+        assert st["objective"] == pytest.approx(f(x), rel=PASS_RTOL)
 
 
 @pytest.mark.parametrize("bands", [1, 2, 3])
@@ -91,12 +94,12 @@ def test_never_worse_than_the_start_or_an_earlier_epoch(case, bands):
     values = np.array([f(v) for v in xs])
     assert st["objective_source"] == source and len(xs) == EPOCHS
     assert f(x) <= st["objective_zero"] and np.all(f(x) <= values * (1 + rtol)), (f(x), values.min())
-    assert st["objective"] == pytest.approx(f(x), rel=1e-9)
+    assert st["objective"] == pytest.approx(f(x), rel=PASS_RTOL)
     assert st["returned_epoch"] == int(np.argmin(np.r_[st["objective_zero"], values]))
     assert np.array_equal(x, xs[st["returned_epoch"] - 1])
     # every epoch's objective is tracked, to the precision of its source
     assert np.allclose(st["epoch_objective"][1:], values, rtol=rtol * 10, atol=0)
-    assert st["epoch_objective"][0] == pytest.approx(st["objective_zero"], rel=1e-9)
+    assert st["epoch_objective"][0] == pytest.approx(st["objective_zero"], rel=PASS_RTOL)
     # the rule: each rejected epoch halves the relaxation of every later epoch
     assert st["epochs_rejected"] >= 1
     expected = 0.5 ** np.array([np.sum(st["rejected_epochs"] < e) for e in range(1, EPOCHS + 1)])
@@ -150,7 +153,7 @@ def test_start_not_zero_is_judged_too(case):
     assert st["epoch_objective"][0] == pytest.approx(f(start), rel=1e-6)
     assert f(x) <= min(f(start), *(f(v) for v in xs)) * (1 + 1e-6)
     x0, st0, _ = run(path, epochs=0, x0=start)
-    assert np.array_equal(x0, start) and st0["objective"] == pytest.approx(f(start), rel=1e-9)
+    assert np.array_equal(x0, start) and st0["objective"] == pytest.approx(f(start), rel=PASS_RTOL)
 
 
 def test_guard_changes_nothing_while_every_epoch_improves(tmp_path):

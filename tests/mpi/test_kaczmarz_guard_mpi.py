@@ -23,6 +23,8 @@ KNOBS = Knobs.from_env({"CUBEFIT_LAMBDA_WEIGHTS_ENABLE": "0"})
 ILL = MockSpec(spaxels=96, components=3, populations=16, wavelengths=200, seed=1, snr=30.0)
 # the 1-rank run's objective may be beaten, not exceeded by more than this (relative)
 CONVERGE_RTOL = 0.05
+# the solver's float64 residual pass against the Gram formula (cancellation in ½yᵀWy − bᵀx + ½xᵀGx)
+PASS_RTOL = 1e-8
 
 
 class Snapshots:
@@ -82,7 +84,7 @@ def test_never_worse_and_no_worse_than_one_rank(source, pair, c_bands):
         f_x = _objective(source[1], x)
         rtol = 1e-9 if kind == "gram" else 1e-6
         ok = (st["objective_source"] == kind and len(values) == EPOCHS and f_x <= st["objective_zero"]
-              and bool(np.all(f_x <= values * (1 + rtol))) and abs(st["objective"] - f_x) <= 1e-9 * f_x)
+              and bool(np.all(f_x <= values * (1 + rtol))) and abs(st["objective"] - f_x) <= PASS_RTOL * f_x)
         why = f"{kind}: returned {f_x} against the epochs' {values.min()} (start {st['objective_zero']})"
         if ok and c_bands is None:
             xs, ss = solve_kaczmarz(str(ser), epochs=EPOCHS, comm=MPI.COMM_SELF, knobs=KNOBS)
