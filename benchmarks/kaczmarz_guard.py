@@ -74,7 +74,8 @@ def make_case(root: Path, name: str, mock_args: list, build_args: list, env: dic
     path = root / f"{name}.h5"
     cli("mock", path, *mock_args)
     cli("build", path, *build_args)
-    cli("solve", path, env=env)              # λ-weights, the exact solution and the Gram cache
+    cli("solve", path, "--operator", "hypercube", env=env)   # λ-weights, the exact solution, the Gram cache
+    #                                          (of the stored hypercube: the operator Kaczmarz reads)
     return path
 
 

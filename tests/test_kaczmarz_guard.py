@@ -52,7 +52,7 @@ def ill(tmp_path_factory):
     path = tmp_path_factory.mktemp("guard") / "ill.h5"
     make_mock(str(path), ILL, SELF)
     build_hypercube(str(path), S_chunk=8, comm=SELF)
-    solve_exact(str(path), use_weights=False, comm=SELF)
+    solve_exact(str(path), use_weights=False, operator="hypercube", comm=SELF)   # the operator Kaczmarz reads
     with h5py.File(path, "r") as f:
         gram, rhs, yy = f["/Solve/gram"][...], f["/Solve/rhs"][...], float(f["/Solve/gram"].attrs["yy"])
     return path, (lambda x: 0.5 * yy - rhs @ x + 0.5 * x @ gram @ x)

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # stage modules that add sub-commands: each has register(sub), setting handler=fn(args, comm) -> int
-CLI_MODULES = ("ingest", "build", "weights", "watch", "solve", "recon", "pipeline", "scaling")
+CLI_MODULES = ("ingest", "build", "weights", "watch", "solve", "uncertainty", "recon", "pipeline", "scaling", "velocity_bias",
+               "preflight")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "info":
         return cmd_info(args, None)
-    from ..config.knobs import get_knobs
+    from ..config.knobs import get_knobs, warn_predecessor_knobs
     from ..parallel.comm import get_comm, install_abort_excepthook
     from ..parallel.output import setup_logging
     from ..parallel.threads import limit_blas_threads
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         limit_blas_threads(comm, knobs.blas_threads)
         if rank == 0 and knobs.differing_from_defaults():
             _LOG.info("knobs: %s", knobs.differing_from_defaults())
+        if rank == 0:
+            warn_predecessor_knobs(logging.getLogger("cubefit_mpi.knobs"))
         handler = getattr(args, "handler", None) or COMMANDS[args.command]
         return handler(args, comm)
     except (InputError, ConsistencyError) as exc:

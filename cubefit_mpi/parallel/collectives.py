@@ -4,6 +4,7 @@ unless noted.
 """
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import numpy as np
@@ -70,6 +71,29 @@ def bcast_array(array, comm=None, root: int = 0) -> np.ndarray:
     for lo in range(0, max(flat.size, 1), MAX_MSG_ELEMENTS):
         comm.Bcast(flat[lo:lo + MAX_MSG_ELEMENTS], root=root)
     return buf
+
+
+def wait_for_root(comm=None, root: int = 0, max_sleep: float = 0.005) -> float:
+    """Return on every rank once ``root`` has called this too; the others sleep meanwhile.  Collective over comm.
+
+    For a stretch where ``root`` works alone (rank 0's NNLS): MPICH busy-polls inside a blocking
+    collective such as ``MPI_Bcast``, so the waiting ranks would take the cores the root's BLAS
+    threads need.  Here every rank posts an ``Ibarrier``; the waiting ranks test it between
+    sleeps of 0.1 ms doubling up to ``max_sleep`` seconds.  Returns the seconds waited.
+    """
+    comm = get_comm(comm)
+    t0 = time.perf_counter()
+    if comm.Get_size() == 1:
+        return 0.0
+    request = comm.Ibarrier()
+    if comm.Get_rank() == root:
+        request.Wait()
+        return time.perf_counter() - t0
+    pause = 1e-4
+    while not request.Test():
+        time.sleep(pause)
+        pause = min(2.0 * pause, max_sleep)
+    return time.perf_counter() - t0
 
 
 def agree(value, comm=None, root: int = 0):
@@ -145,3 +169,37 @@ def check_all_ranks(fn, *args, comm=None, **kwargs):
         error = exc
     raise_if_any(error, comm)
     return result
+
+
+def upper_row_blocks(n: int) -> list[tuple[int, int]]:
+    """Row blocks ``[(i0, i1), ...]`` of an ``n × n`` upper triangle, each message of
+    ``(i1 - i0) × (n - i0)`` elements at most about ``MAX_MSG_ELEMENTS``.  Local."""
+    rows = max(1, MAX_MSG_ELEMENTS // max(int(n), 1))
+    return [(i0, min(int(n), i0 + rows)) for i0 in range(0, int(n), rows)]
+
+
+def reduce_upper_to_root(matrix: np.ndarray, comm=None) -> np.ndarray | None:
+    """Sum the upper triangles of every rank's symmetric ``matrix (n, n)`` on rank 0, symmetrised
+    (None elsewhere), in row blocks (:func:`upper_row_blocks`).  Collective over comm."""
+    comm = get_comm(comm)
+    n = matrix.shape[0]
+    out = np.zeros((n, n)) if comm.Get_rank() == 0 else None
+    blocks = upper_row_blocks(n)
+    for i0, i1 in blocks:
+        part = reduce_sum(np.ascontiguousarray(matrix[i0:i1, i0:]), comm)
+        if out is not None:
+            out[i0:i1, i0:] = part
+    if out is not None:
+        symmetrise_from_upper(out, blocks)
+    return out
+
+
+def symmetrise_from_upper(matrix: np.ndarray, blocks: list[tuple[int, int]] | None = None) -> None:
+    """Copy the upper triangle of the square ``matrix`` onto its lower one, in place, a row
+    block at a time (no full-size temporary).  Local."""
+    n = matrix.shape[0]
+    for i0, i1 in blocks or upper_row_blocks(n):
+        diag = matrix[i0:i1, i0:i1]
+        upper = np.triu(diag)
+        matrix[i0:i1, i0:i1] = upper + np.triu(upper, 1).T
+        matrix[i0:i1, :i0] = matrix[:i0, i0:i1].T

@@ -47,7 +47,7 @@ def source(tmp_path_factory):
     path = f"{root}/ill.h5"
     make_mock(path, ILL, comm)
     build_hypercube(path, S_chunk=8, comm=comm)
-    solve_exact(path, use_weights=False, comm=comm)
+    solve_exact(path, use_weights=False, operator="hypercube", comm=comm)   # the operator Kaczmarz reads
     reference = None
     if comm.rank == 0:
         with h5py.File(path, "r") as f:

@@ -51,7 +51,7 @@ from . import steps as ks
 from .epochs import run_epochs
 from .grid import Grid
 from .guard import EpochGuard, GramObjective
-from .tiles import HypercubeTiles, Tile
+from .tiles import FactoredTiles, HypercubeTiles, Tile
 from .inputs import check_options, initial_x, load_data, read_x_global, write_solution
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
@@ -81,7 +81,8 @@ class _Run:
         self.maxima: dict[str, float] = defaultdict(float)
         self.group_tiles = 0
         self.probe_sums = np.zeros(0)          # see residual()
-        self.tiles = HypercubeTiles(f, inputs, grid, knobs, cfg, data_w, self.counts)
+        self.tiles = (FactoredTiles(f, inputs, grid, cfg, data_w, self.counts) if inputs.operator.kind == "factored"
+                      else HypercubeTiles(f, inputs, grid, knobs, cfg, data_w, self.counts))
 
     def cols(self, band: int) -> slice:
         c0, c1 = self.grid.bands[band]
@@ -324,7 +325,8 @@ class _Run:
 def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bool = True,
                    orbit_weights=None, orbit_strength: float | None = None, warm_start: str = "zeros",
                    x0=None, tracker=None, comm=None, knobs=None, c_bands: int | None = None,
-                   decorrelate: float = 0.0, use_weights: bool = True) -> tuple[np.ndarray, dict]:
+                   decorrelate: float = 0.0, use_weights: bool = True, operator: str = "auto",
+                   norm_mode: str | None = None, amp_mode: str | None = None) -> tuple[np.ndarray, dict]:
     """The spec's batched Kaczmarz solve of ``path``; writes ``/X_global``.  Collective over comm.
 
     Parameters
@@ -344,6 +346,10 @@ def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bo
     c_bands : int, logical c-bands (default ``min(ranks, C)``)
     decorrelate : float in [0, 1], η of the de-correlation nudge (0 = off)
     use_weights : bool, use the λ-weights (also off when ``CUBEFIT_LAMBDA_WEIGHTS_ENABLE=0``)
+    operator : "auto" | "factored" | "hypercube", where the tiles come from (factored: made by
+        GEMM from the factors, no hypercube needed; auto reads a usable stored hypercube, else
+        uses the factors; see :mod:`cubefit_mpi.operators.select`)
+    norm_mode, amp_mode : the normalisation of factored models of a file without a hypercube
 
     Returns
     -------
@@ -357,7 +363,9 @@ def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bo
     t0 = time.perf_counter()
     knobs = get_knobs() if knobs is None else knobs
     rank0 = comm.Get_rank() == 0
-    inputs = load_solve_inputs(path, use_weights=use_weights and knobs.lambda_weights_enable, comm=comm)
+    inputs = load_solve_inputs(path, use_weights=use_weights and knobs.lambda_weights_enable, operator=operator,
+                               norm_mode=norm_mode, amp_mode=amp_mode, prefer_stored=True, comm=comm)
+    inputs.s_tiles = inputs.operator.step_tiles
     C, P, n = inputs.C, inputs.P, inputs.n_params
     check_options(epochs, lr, c_bands, C, orbit_strength, decorrelate)
     if not inputs.mask.any():
@@ -381,14 +389,8 @@ def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bo
     polish_enabled = knobs.nnls_enable and project_nonneg and knobs.nnls_prop_per_band > 0
     history = {k: [] for k in ("epoch", "round", "tile", "group", "rmse_before", "rmse", "sum_w")}
     try:
+        col_energy = _column_energy(path, inputs, comm)
         with open_h5(path, "r", comm) as f, matvec_blas_threads(knobs.blas_threads):
-            if lay.COL_ENERGY not in f or f[lay.COL_ENERGY].shape != (C, P):
-                raise InputError(f"{lay.COL_ENERGY}: expected a ({C}, {P}) dataset; rebuild it with "
-                                 f"`cubefit_mpi energy {path}`")
-            if bool(f[lay.COL_ENERGY].attrs.get(ENERGY_STALE, False)):
-                raise InputError(f"{lay.COL_ENERGY}: stale (the models changed since it was computed); "
-                                 f"recompute it with `cubefit_mpi energy {path}`")
-            col_energy = np.nan_to_num(np.asarray(f[lay.COL_ENERGY][...], dtype=np.float64))
             data_w, weighted_norms, y_norm = load_data(f, inputs, comm)
             order = sorted(range(len(inputs.s_tiles)), key=lambda t: (-weighted_norms[t], t))
             run = _Run(f, inputs, grid, knobs, cfg, col_energy, data_w, y_norm, targets, eta)
@@ -406,11 +408,11 @@ def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bo
         grid.free()
     x = out.x
     stats = _finish_stats(run, comm, history, out, guard, weighted_norms, x_ref, C, P)
-    stats.update(method="kaczmarz", epochs=int(epochs), lr=float(lr), n_params=n, c_bands=len(grid.bands),
-                 s_groups=grid.n_groups, n_ranks=comm.Get_size(), warm_start=start, orbit_strength=eta,
-                 decorrelate=float(decorrelate), seconds=time.perf_counter() - t0,
+    stats.update(method="kaczmarz", operator=inputs.operator.kind, epochs=int(epochs), lr=float(lr), n_params=n,
+                 c_bands=len(grid.bands), s_groups=grid.n_groups, n_ranks=comm.Get_size(), warm_start=start,
+                 orbit_strength=eta, decorrelate=float(decorrelate), seconds=time.perf_counter() - t0,
                  objective_source="off" if not guard.enabled else ("gram" if gram is not None else "probe"),
-                 read_ahead=bool(run.tiles.reader.threaded))
+                 read_ahead=run.tiles.threaded)
     write_solution(path, x, stats, knobs, comm, provenance=inputs.provenance)
     if rank0:
         _LOG.info("kaczmarz done: objective %.10g (1/2 chi2) of %s, %d tile steps, polish %d/%d accepted%s, %.1fs",
@@ -428,6 +430,22 @@ def _returned(stats: dict) -> str:
     source = {"gram": "the Gram cache", "probe": "the next epoch's reads"}[stats["objective_source"]]
     return (f"{which} (the best of {stats['epochs_run']} epoch(s); {stats['epochs_rejected']} raised 1/2 chi2 and "
             f"were undone; objectives from {source})")
+
+
+def _column_energy(path, inputs, comm) -> np.ndarray:
+    """``E[c, p] = Σ_{s, λ∈mask} A²``: ``/HyperCube/col_energy`` for the hypercube, from the factors
+    otherwise.  Collective over comm."""
+    C, P = inputs.C, inputs.P
+    if inputs.operator.kind == "factored":
+        return inputs.operator.column_energy(inputs.mask, comm)
+    with open_h5(path, "r", comm) as f:
+        if lay.COL_ENERGY not in f or f[lay.COL_ENERGY].shape != (C, P):
+            raise InputError(f"{lay.COL_ENERGY}: expected a ({C}, {P}) dataset; rebuild it with "
+                             f"`cubefit_mpi energy {path}`")
+        if bool(f[lay.COL_ENERGY].attrs.get(ENERGY_STALE, False)):
+            raise InputError(f"{lay.COL_ENERGY}: stale (the models changed since it was computed); "
+                             f"recompute it with `cubefit_mpi energy {path}`")
+        return np.nan_to_num(np.asarray(f[lay.COL_ENERGY][...], dtype=np.float64))
 
 
 def _finish_stats(run: _Run, comm, history, out, guard, weighted_norms, x_ref, C, P) -> dict:
