@@ -145,6 +145,12 @@ class Knobs:
     tile_bt_steps: int = _knob("CUBEFIT_TILE_BT_STEPS", 6, "backtracking steps for aggregated dR", minimum=0)
     tile_bt_factor: float = _knob("CUBEFIT_TILE_BT_FACTOR", 0.5, "aggregated alpha shrink", minimum=0.0, maximum=1.0)
     global_tau: float = _knob("CUBEFIT_GLOBAL_TAU", 0.5, "global step cap sum dx^2 E vs ||Y||", minimum=0.0)
+    epoch_guard: bool = _knob("CUBEFIT_EPOCH_GUARD", True,
+                              "Kaczmarz: track 1/2 chi2 per epoch, return the best iterate, undo an epoch that "
+                              "raised it")
+    epoch_damp: float = _knob("CUBEFIT_EPOCH_DAMP", 0.5,
+                              "Kaczmarz: relaxation of every later epoch multiplied by this after an undone epoch",
+                              minimum=0.0, maximum=1.0)
     global_energy_blend: float = _knob("CUBEFIT_GLOBAL_ENERGY_BLEND", 1e-3,
                                        "blend of global column energy in denominators", minimum=0.0)
     nnls_enable: bool = _knob("CUBEFIT_NNLS_ENABLE", True, "tile-local weighted NNLS polish")

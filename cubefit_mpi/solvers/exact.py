@@ -95,18 +95,23 @@ def _cache_matches(f, provenance: dict) -> bool:
     return all(str(attrs.get(k, "")) == str(v) for k, v in provenance.items()) and bool(attrs.get("complete", False))
 
 
+def cached_gram(inputs: SolveInputs, comm=None) -> dict | None:
+    """G (rank 0 only, None elsewhere), b and yᵀWy from ``/Solve`` when it holds a current, complete
+    cache for these inputs (same models, data, mask and λ-weights), else None.  Collective over comm."""
+    comm = get_comm(comm)
+    with open_h5(inputs.path, "r", comm) as f:
+        if not _cache_matches(f, inputs.provenance):
+            return None
+        return {"gram": np.asarray(f[GRAM][...]) if comm.Get_rank() == 0 else None,
+                "rhs": np.asarray(f[RHS][...]), "yy": float(f[GRAM].attrs["yy"])}
+
+
 def gram_system(inputs: SolveInputs, *, use_cache: bool = True, comm=None) -> dict:
     """(G on rank 0, b, yᵀWy, diag) from the cache when current, else one pass (then cached).  Collective."""
     comm = get_comm(comm)
-    cached = None
-    with open_h5(inputs.path, "r", comm) as f:
-        if use_cache and _cache_matches(f, inputs.provenance):
-            rhs = np.asarray(f[RHS][...])
-            yy = float(f[GRAM].attrs["yy"])
-            gram = np.asarray(f[GRAM][...]) if comm.Get_rank() == 0 else None
-            cached = {"gram": gram, "rhs": rhs, "yy": yy, "pass_seconds": 0.0, "reduce_seconds": 0.0,
-                      "from_cache": True}
+    cached = cached_gram(inputs, comm) if use_cache else None
     if cached is not None:
+        cached.update(pass_seconds=0.0, reduce_seconds=0.0, from_cache=True)
         cached["diag"] = comm.bcast(cached["gram"].diagonal().copy() if comm.Get_rank() == 0 else None)
         _LOG.info("Gram matrix from the cache in %s (no pass over the hypercube)", inputs.path)
         return cached
