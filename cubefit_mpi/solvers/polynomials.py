@@ -58,7 +58,7 @@ from ..io.blocks import read_block
 from ..io.h5file import open_h5
 from ..numerics import polynomials as pl
 from ..operators.base import Weighting
-from ..parallel.collectives import allreduce_sum, reduce_upper_to_root
+from ..parallel.collectives import allreduce_sum, bcast_array, reduce_upper_to_root
 from ..parallel.decomposition import padded_schedule
 from .gram import SolveInputs
 
@@ -247,7 +247,7 @@ class _Fit:
                 fresh = self.inputs.operator.normal_equations(self.weighting(state["mult"], tangent), self.comm)
                 self.gram_passes += 1
                 hessian = fresh["gram"]
-            rhs = hessian @ x - state["gradient"] if root else None
+            rhs = bcast_array(hessian @ x - state["gradient"] if root else None, self.comm)   # every rank
             system = {"gram": hessian, "rhs": rhs, "yy": 0.0}
         x_new, self.trial_info = self.solve_system(system, self.reg, self.tol, self.comm)
         trial = spectra_pass(self.inputs, self.weighting(state["mult"]), x_new, fit_mult=True, gradient=True,
