@@ -5,7 +5,7 @@
 Cases (mock galaxies from the MILES SSPs shipped with the package):
 
 ``miles``
-    N = 16 × 212 = 3,392, S = 400, 4800–5800 Å at 60 km/s (L = 945), 1 % noise, ``--regul 1e3``:
+    N = 16 × 212 = 3,392, S = 400, L = 600 (the shipped subset's 4750–5450 Å), 1 % noise, ``--regul 1e3``:
     the regularised MILES case of the NNLS issue's table, as a file.
 ``demo``
     ``make demo``'s galaxy (S = 400, C = 3, P = 212, L = 600, S/N 60), unregularised.
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 CASES = {
-    "miles": {"mock": ["--templates", "miles", "--spaxels", "400", "--components", "16", "--wavelengths", "945",
+    "miles": {"mock": ["--templates", "miles", "--spaxels", "400", "--components", "16", "--wavelengths", "600",
                        "--seed", "2", "--noise", "100"], "regul": 1e3},
     "demo": {"mock": ["--templates", "miles", "--spaxels", "400", "--components", "3", "--wavelengths", "600",
                       "--seed", "1", "--noise", "60", "--masked-pixels", "12"], "regul": 0.0},

@@ -43,7 +43,7 @@ def test_memory_check_figures(monkeypatch):
     with pytest.raises(InputError) as err:
         check_nnls_memory(n, SELF)
     text = str(err.value)
-    assert text.startswith("the exact NNLS of N=1000 needs 16000000 bytes (0.02 GB) on rank 0 (G 8000000 bytes "
+    assert text.startswith("the exact NNLS of N=1000 needs 16000000 bytes (0.02 GB) on rank 0's node (G 8000000 bytes "
                            "+ one N x N factor 8000000 bytes) but 12000000 bytes (0.01 GB) are available "
                            "(CUBEFIT_GRAM_MAX_BYTES=12000000 x 1 rank(s) on the node)"), text
     assert "\n" not in text
@@ -63,7 +63,7 @@ def test_refused_early_by_the_cli(tmp_path):
     assert res.returncode == 2, res.stderr
     errors = [ln for ln in res.stderr.splitlines() if " INFO " not in ln and ln.strip()]
     assert len(errors) == 1, res.stderr
-    assert re.search(r"the exact NNLS of N=12 needs 2304 bytes on rank 0 .* but 1728 bytes are available "
+    assert re.search(r"the exact NNLS of N=12 needs 2304 bytes on rank 0's node .* but 1728 bytes are available "
                      r"\(CUBEFIT_GRAM_MAX_BYTES=1728 x 1 rank\(s\) on the node\)", errors[0]), errors[0]
     assert file_bytes(path) == before
 

@@ -50,20 +50,22 @@ def available_bytes() -> int:
         return 0
 
 
-def check_nnls_memory(n: int, comm=None, *, gram_held: bool = False) -> dict:
+def check_nnls_memory(n: int, comm=None, *, gram_held: bool = False, every_rank: bool = False) -> dict:
     """Refuse, before any work, an exact NNLS whose G plus one N×N factor rank 0 cannot hold.  Collective.
 
     Needed: ``2 · 8 N²`` bytes on rank 0 (G, and the factor of
     :func:`~cubefit_mpi.numerics.nnls_select.solve_gram`).  Available: ``CUBEFIT_GRAM_MAX_BYTES``
     × the ranks on rank 0's node (their shares are idle during the solve) when the knob is set,
-    else the node's ``MemAvailable`` (plus G's bytes if ``gram_held``).  Raises
+    else the node's ``MemAvailable`` (plus G's bytes if ``gram_held``).  ``every_rank``: each rank of
+    the node holds its own G and factor (bootstrap replicates solved side by side).  Raises
     :class:`InputError` with both figures; returns ``{"needed", "available", "source"}``.
     """
     comm = get_comm(comm)
     gram_bytes = 8 * int(n) * int(n)
-    needed = gram_bytes + factor_bytes(n)
     knob = get_knobs().gram_max_bytes
     on_node = ranks_on_node(comm)
+    holders = on_node if every_rank else 1
+    needed = (gram_bytes + factor_bytes(n)) * holders
     verdict = None
     if comm.Get_rank() == 0:
         if knob > 0:
@@ -74,9 +76,10 @@ def check_nnls_memory(n: int, comm=None, *, gram_held: bool = False) -> dict:
     available, source = comm.bcast(verdict, root=0)
     if needed > available:
         raise InputError(
-            f"the exact NNLS of N={n} needs {_size(needed)} on rank 0 (G {_size(gram_bytes)} + one N x N factor "
-            f"{_size(factor_bytes(n))}) but {_size(available)} are available ({source}); raise "
-            f"CUBEFIT_GRAM_MAX_BYTES, run on a node with more memory or use --exact-method working-set")
+            f"the exact NNLS of N={n} needs {_size(needed)} on rank 0's node (G {_size(gram_bytes)} + one N x N "
+            f"factor {_size(factor_bytes(n))}" + (f", on each of its {holders} ranks" if every_rank else "") + ") but"
+            f" {_size(available)} are available ({source}); raise CUBEFIT_GRAM_MAX_BYTES, run on a node with more "
+            f"memory or " + ("use fewer ranks per node" if every_rank else "use --exact-method working-set"))
     return {"needed": needed, "available": available, "source": source}
 
 

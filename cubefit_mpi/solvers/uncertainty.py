@@ -38,7 +38,7 @@ from ..parallel.decomposition import padded_schedule
 from .exact import ORBIT_WEIGHTS, gram_system, population_shape
 from .gram import load_solve_inputs
 from .polynomials import check_degrees
-from .root_nnls import exact_nnls
+from .root_nnls import check_nnls_memory, exact_nnls
 
 _LOG = logging.getLogger("cubefit_mpi.uncertainty")
 GROUP, REPLICATES, DONE = lay.UNCERTAINTY, lay.UNCERTAINTY_REPLICATES, lay.UNCERTAINTY_DONE
@@ -83,6 +83,7 @@ def bootstrap_uncertainty(path: str, *, replicates: int = 100, method: str = "wi
     reg = Regularization.build(inputs.C, inputs.P, ridge=fit["ridge"], regul=fit["regul"],
                                regul_order=fit["regul_order"], pop_shape=population_shape(path, inputs.P, comm),
                                orbit_targets=fit["orbit_targets"], orbit_strength=fit["orbit_strength"])
+    check_nnls_memory(inputs.n_params, comm, every_rank=True)   # every rank solves replicates
     system = gram_system(inputs, use_cache=True, comm=comm)
     x_hat = fit["x"]
     total = g_hat = None

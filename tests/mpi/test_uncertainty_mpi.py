@@ -64,3 +64,29 @@ def test_extend_at_another_rank_count(fitted):
         with h5py.File(path, "r") as f, h5py.File(ref, "r") as g:
             ok = ok and np.allclose(f[REPLICATES][...], g[REPLICATES][...], rtol=1e-5, atol=1e-7)
     assert_all(ok, "an extension at another rank count differs from one run")
+
+
+@pytest.mark.parametrize("fitted", ["factored"], indirect=True)
+def test_replicates_refused_when_every_rank_cannot_hold_its_system(fitted, monkeypatch):
+    """Each rank of the node solves replicates with its own G and factor: a budget that rank 0's
+    single solve fits (2 · 8N² within the node's share) refuses the bootstrap at two or more
+    ranks, with the figures, before any replicate is written."""
+    from cubefit_mpi.config.errors import InputError
+    from cubefit_mpi.parallel.comm import ranks_on_node
+    path, _ = fitted
+    n = 12
+    on_node = ranks_on_node(comm)
+    monkeypatch.setenv("CUBEFIT_GRAM_MAX_BYTES", str(2 * 8 * n * n))     # exactly one G + factor per rank
+    out = bootstrap_uncertainty(str(path), replicates=2, seed=1, comm=comm)
+    assert_all(out["computed"] == 2, "the bootstrap fits its budget")
+    monkeypatch.setenv("CUBEFIT_GRAM_MAX_BYTES", str(2 * 8 * n * n - 1))
+    try:
+        bootstrap_uncertainty(str(path), replicates=4, seed=1, comm=comm)
+        message = "not refused"
+    except InputError as err:
+        message = str(err)
+    expected = f"on each of its {on_node} ranks" if on_node > 1 else "needs 2304 bytes on rank 0's node"
+    assert_all(expected in message and "fewer ranks per node" in message, message)
+    with h5py.File(path, "r") as f:
+        kept = int(f[DONE][...].sum()) if comm.rank == 0 else 2
+    assert_all(kept == 2, f"{kept} replicates marked done")
