@@ -1,6 +1,7 @@
 """Shared fixtures: small synthetic galaxies made once per session, CLI runners."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -38,3 +39,28 @@ def small_mock(tmp_path_factory):
     make_mock(str(path), MockSpec(spaxels=60, components=2, populations=6, wavelengths=120, seed=3,
                                   masked_pixels=6), MPI.COMM_SELF)
     return path
+
+
+@contextlib.contextmanager
+def small_tmpfs(mnt, size_kb: int):
+    """A real tmpfs of ``size_kb`` KiB mounted at ``mnt`` for the block (a full disk that is cheap to
+    make); skips the test where mounting is not allowed (needs root)."""
+    mnt = Path(mnt)
+    mnt.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size_kb)}k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def fill_disk(folder, keep: int) -> None:
+    """Take every free byte of ``folder``'s file system but ``keep``."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    if free > keep:
+        with open(Path(folder) / "ballast", "wb") as fh:
+            fh.write(b"\0" * (free - keep))

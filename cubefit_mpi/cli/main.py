@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="MPI library, ranks, h5py MPI build, HDF5 and pyFFTW versions (no MPI start)")
 
     p = sub.add_parser("mock", help="write a galaxy with known truth (synthetic or shipped MILES templates)")
-    p.add_argument("file", help="output HDF5 file (overwritten)")
+    p.add_argument("file", help="output HDF5 file (replaced once the new one is complete)")
     p.add_argument("--templates", choices=TEMPLATE_SOURCES, default="synthetic",
                    help="synthetic SSP-like templates (default), or the MILES SSP subset shipped with the "
                    "package (53 ages x 4 [M/H], 4750-5450 A: at most 619 wavelengths)")
@@ -184,8 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     from ..parallel.output import setup_logging
     from ..parallel.threads import limit_blas_threads
 
+    from ..io.lock import write_lock
+    from ..parallel.comm import run_abort_hooks
+    from ..parallel.failure import FailureAgreement
+
     comm = get_comm()
     install_abort_excepthook(comm)
+    agreement = FailureAgreement(comm)
     rank = comm.Get_rank()
     try:
         knobs = get_knobs()
@@ -194,18 +199,37 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0 and knobs.differing_from_defaults():
             _LOG.info("knobs: %s", knobs.differing_from_defaults())
         handler = getattr(args, "handler", None) or COMMANDS[args.command]
-        return handler(args, comm)
+        target = written_file(args)
+        if target is None:
+            return handler(args, comm)
+        with write_lock(target, args.command, comm):
+            return handler(args, comm)
     except (InputError, ConsistencyError) as exc:
+        agreement.settle(exc, f"in `cubefit_mpi {args.command}`")      # one rank alone: abort, never hang
         if rank == 0:
             sys.stderr.write(f"cubefit_mpi {args.command}: error: {exc}\n")
             sys.stderr.flush()
         return exc.exit_code
     except WriteFailure as exc:        # end now: no HDF5 close/atexit on a file whose writes failed
-        sys.stderr.write(f"cubefit_mpi {args.command}: error: {exc}\n")
-        sys.stderr.flush()
+        if rank == 0 or not exc.everywhere:
+            sys.stderr.write(f"cubefit_mpi {args.command}: error: {exc}\n")
+            sys.stderr.flush()
+        run_abort_hooks()              # release the write lock
         if comm.Get_size() > 1:
             comm.Abort(exc.exit_code)
         os._exit(exc.exit_code)
+
+
+# commands that write the file named by their `file` argument (`run` locks its configured file itself)
+WRITING_COMMANDS = ("mock", "ingest", "build", "rebin", "convert-norm", "energy", "recompress", "weights",
+                    "solve", "recon")
+
+
+def written_file(args) -> str | None:
+    """The file a command writes (it takes the one-writer lock on it), or None for readers.  Local."""
+    if args.command in WRITING_COMMANDS or (args.command == "done" and getattr(args, "invalidate", None)):
+        return args.file
+    return None
 
 
 def run() -> None:

@@ -11,6 +11,7 @@ Rules (see ``docs/CubeFit.md`` and the h5py/MPI recipes):
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Iterator
 from ..config.errors import InputError, WriteFailure
 from ..config.knobs import get_knobs
 from ..parallel.comm import get_comm, mpi
+from ..parallel.failure import FailureAgreement
 
 if TYPE_CHECKING:
     import h5py
@@ -96,17 +98,54 @@ def open_h5(path: str | os.PathLike, mode: str = "r", comm=None, *, retries: int
         time.sleep(backoff * 2 ** (attempt - 1))
     fileno = handle.id.fileno
     _PARALLEL_BY_FILENO[fileno] = comm.Get_size() > 1
+    agreement = FailureAgreement(comm)
     try:
         yield handle
+        if mode != "r":
+            handle.flush()             # a full disk shows here, not in a close that HDF5 may not survive
     except WriteFailure:
         _ABANDONED.append(handle)      # never close a file whose writes failed (HDF5 may crash)
         raise
-    except BaseException:
+    except BaseException as exc:
+        if mode != "r" and is_write_error(exc):
+            _ABANDONED.append(handle)
+            raise WriteFailure(f"{path}: writing failed ({write_reason(exc)}); is the disk full or the quota "
+                               f"exceeded? What this command had not finished is discarded, earlier results "
+                               f"are intact: free some space and rerun") from exc
+        agreement.settle(exc, f"inside the parallel file {path}")    # aborts unless every rank failed
         _PARALLEL_BY_FILENO.pop(fileno, None)
         handle.close()
         raise
+    agreement.free()
     _PARALLEL_BY_FILENO.pop(fileno, None)
     handle.close()
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS}
+_WRITE_WORDS = ("file write failed", "no space left", "disk quota exceeded", "write failed")
+
+
+def is_write_error(exc: BaseException) -> bool:
+    """True for an exception of a failed write (no space, quota, I/O error).  Local."""
+    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+        return True
+    if isinstance(exc, (OSError, RuntimeError)):
+        text = str(exc).lower()
+        return any(word in text for word in _WRITE_WORDS)
+    return False
+
+
+def write_reason(exc: BaseException) -> str:
+    """``No space left on device`` (from the errno) or the first line of the message.  Local."""
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    return first_line(exc).split(" (file write failed")[0]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (HDF5's run over several).  Local."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 def open_uncached(f, name: str):

@@ -28,9 +28,10 @@ from ..io import layout as lay
 from ..io.blocks import read_block, write_block
 from ..io.datasets import replace_dataset
 from ..io.h5file import open_h5
+from ..io.space import dataset_bytes, file_size, require_free_space, reserve_new_space
 from ..io.hypercube_state import CONVERTING_ATTR, ENERGY_STALE, mark_models_changed, require_usable_models
 from ..numerics.normalization import NORM_MODES, masked_mean_flux, norm_factor
-from ..parallel.collectives import allreduce_sum
+from ..parallel.collectives import agree, allreduce_sum
 from ..parallel.comm import get_comm
 from ..parallel.decomposition import block_range, padded_schedule, tile_bounds
 
@@ -77,6 +78,7 @@ def convert_hypercube_norm(path: str, to_mode: str, recompute_energy: bool = Tru
         raise InputError(f"--to {to_mode}: expected one of {', '.join(NORM_MODES)}")
     with open_h5(path, "r", comm) as f:
         plan = _plan(f, path, to_mode, comm)
+        have_backup = BACKUP in f and f[BACKUP].shape[0] >= comm.Get_size()
     if plan is None:
         with open_h5(path, "r", comm) as f:
             mode = str(f[lay.HYPERCUBE].attrs.get("norm.mode", ""))
@@ -91,10 +93,13 @@ def convert_hypercube_norm(path: str, to_mode: str, recompute_energy: bool = Tru
 
             energy = recompute_col_energy(path, comm=comm)
         return {"converted": False, "norm.mode": mode, "col_energy": energy, "tiles": 0, "recovered": 0}
+    journal = 0 if have_backup else dataset_bytes((comm.Get_size(), max(b - a for a, b in plan.tiles)) + plan.shape[1:], "f4")
+    require_free_space(path, journal, "convert-norm (its per-rank tile backups)", comm)
+    start = agree(file_size(path) if comm.Get_rank() == 0 else None, comm)
     with open_h5(path, "r+", comm) as f:
-        _start(f, plan, comm)
+        _start(f, plan, comm, start)
         recovered = _restore_interrupted(f, plan, comm)
-        _ensure_slots(f, plan, comm)
+        _ensure_slots(f, plan, comm, start)
         _convert_tiles(f, plan, comm)
         _finish(f, plan, comm)
     energy = None
@@ -143,7 +148,7 @@ def _plan(f, path: str, to_mode: str, comm) -> _Conversion | None:
                        tile_bounds(models.shape[0], s_chunk), tuple(models.shape))
 
 
-def _start(f, plan: _Conversion, comm) -> None:
+def _start(f, plan: _Conversion, comm, start: int) -> None:
     """Create the journal and set ``norm.converting_to``, flushed, before any tile is touched.  Collective.
 
     A resumed conversion keeps its journal.  A journal without ``_convert_state`` means the kill
@@ -165,6 +170,7 @@ def _start(f, plan: _Conversion, comm) -> None:
         dset = replace_dataset(f, lay.DATA_FLUX, plan.flux.shape, "f8")
         write_block(dset, (0,) if root else None, plan.flux if root else None)
     _make_backup(f, plan, comm)
+    reserve_new_space(f, start, "the convert-norm journal", comm, [f[BACKUP]])   # no room: nothing written yet
     f[lay.HYPERCUBE].attrs[CONVERTING_ATTR] = plan.target
     f.flush()
 
@@ -182,10 +188,13 @@ def _make_backup(f, plan: _Conversion, comm) -> None:
                      fill_time="never")
 
 
-def _ensure_slots(f, plan: _Conversion, comm) -> None:
+def _ensure_slots(f, plan: _Conversion, comm, start: int) -> None:
     """A backup with a slot for every rank of this run (after the restore, no backup is needed).  Collective."""
     if BACKUP not in f or f[BACKUP].shape[0] < comm.Get_size():
+        f.flush()
+        start = agree(file_size(f.filename) if comm.Get_rank() == 0 else None, comm)
         _make_backup(f, plan, comm)
+        reserve_new_space(f, start, "the convert-norm backups", comm, [f[BACKUP]])
         f.flush()
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from ..config.errors import InputError
 from ..io import layout as lay
 from ..io.h5file import open_h5
+from ..io.space import require_writable_folder
 from ..io.hypercube_state import require_usable_models
 from ..numerics.reconstruction import residual_stats, x_checksum
 from ..parallel.collectives import agree, raise_if_any
@@ -114,7 +115,7 @@ def draw_all(path: str, out_dir: str, *, n_spaxels: int, recon: str, x_dataset: 
                              f"`solve` and `recon` first")
         if has_recon:
             _check_recon(f, recon, x_cp)
-        os.makedirs(out_dir, exist_ok=True)
+        require_writable_folder(out_dir, "--out")
         truth = _read_truth(f, n_comp, n_pop)
         written = [plot_spectra(f, path, os.path.join(out_dir, SPECTRA_PNG), n_spaxels,
                                 recon if has_recon else None, x_cp, rank_by),

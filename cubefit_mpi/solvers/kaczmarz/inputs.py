@@ -11,7 +11,8 @@ import numpy as np
 
 from ...config.errors import InputError
 from ...io import layout as lay
-from ...io.blocks import read_block, write_block
+from ...io.blocks import read_block
+from ...io.datasets import write_small
 from ...io.h5file import open_h5
 from ...parallel.collectives import allreduce_sum
 from ...parallel.comm import mpi
@@ -110,23 +111,22 @@ def initial_x(path, inputs, warm_start, x0, comm, eps: float) -> tuple[np.ndarra
 
 def write_solution(path, x, stats, knobs, comm) -> None:
     """``/X_global`` with method and solver settings as attributes.  Collective over comm."""
-    root = comm.Get_rank() == 0
+    attrs = {"method": "kaczmarz", "layout": "row-major (C, P)", "chi2": 2.0 * stats["objective"],
+             "objective": stats["objective"], "epochs": stats["epochs"], "lr": stats["lr"],
+             "c_bands": stats["c_bands"], "s_groups": stats["s_groups"], "warm_start": stats["warm_start"]}
+    for env, value in knobs.as_dict().items():
+        if env.startswith(("CUBEFIT_BT_", "CUBEFIT_TRUST", "CUBEFIT_EPS", "CUBEFIT_ZERO_COL",
+                           "CUBEFIT_NNLS_", "CUBEFIT_TILE_BT", "CUBEFIT_GLOBAL_")):
+            attrs[env] = value
     with open_h5(path, "r+", comm) as f:
-        if lay.X_GLOBAL in f and f[lay.X_GLOBAL].shape != x.shape:
-            del f[lay.X_GLOBAL]
-        if lay.X_GLOBAL not in f:
-            f.create_dataset(lay.X_GLOBAL, shape=x.shape, dtype="f8")
-        dset = f[lay.X_GLOBAL]
-        write_block(dset, (0,) if root else None, x if root else None)
-        attrs = {"method": "kaczmarz", "layout": "row-major (C, P)", "chi2": 2.0 * stats["objective"],
-                 "objective": stats["objective"], "epochs": stats["epochs"], "lr": stats["lr"],
-                 "c_bands": stats["c_bands"], "s_groups": stats["s_groups"], "warm_start": stats["warm_start"]}
-        for env, value in knobs.as_dict().items():
-            if env.startswith(("CUBEFIT_BT_", "CUBEFIT_TRUST", "CUBEFIT_EPS", "CUBEFIT_ZERO_COL",
-                               "CUBEFIT_NNLS_", "CUBEFIT_TILE_BT", "CUBEFIT_GLOBAL_")):
-                attrs[env] = value
-        for key, value in attrs.items():
-            dset.attrs[key] = value
+        write_small(f, [(lay.X_GLOBAL, np.asarray(x, dtype=np.float64), attrs)], comm, "the solution")
+
+
+def solution_bytes(n: int) -> int:
+    """Bytes a Kaczmarz solve writes: ``/X_global`` and a sidecar (16 + 2 snapshots, history).  Local."""
+    from ...io.tracker_sidecar import SNAPSHOT_HISTORY
+
+    return 8 * n * (SNAPSHOT_HISTORY + 3) + 2**20
 
 
 def check_options(epochs, lr, c_bands, n_comp, orbit_strength, decorrelate) -> None:

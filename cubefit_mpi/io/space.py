@@ -1,0 +1,169 @@
+"""Disk space: refuse a write that will not fit before it starts, and reserve the space of new
+datasets before their data are written.
+
+A full disk in the middle of an HDF5 write is what breaks whole files: the library then fails
+while writing its own metadata (``addr overflow`` on the next open).  Two lines of defence keep
+that from happening:
+
+1. :func:`require_free_space` -- before a writing stage starts (and again before each staged
+   write) rank 0 compares the free space of the file's folder (``shutil.disk_usage``) with what
+   will be written plus ``CUBEFIT_SPACE_MARGIN_MB`` for HDF5 metadata, and every rank refuses
+   with one :class:`~cubefit_mpi.config.errors.InputError` (exit 2) naming both sizes;
+2. :func:`reserve_new_space` -- once new datasets are created (allocated early), and before
+   the flush that writes their metadata, rank 0 reserves every byte HDF5 has allocated
+   (``posix_fallocate``): when the disk filled up meanwhile, or a quota the free space does not
+   show is reached, this fails before HDF5 writes a byte, and the file on disk is still the one
+   of the last flush.  Writing the data and the metadata of the new datasets then needs no new
+   disk space; what remains is the few kilobytes of the final renames, kept by the margin.
+
+Collective over comm where noted; ``CUBEFIT_SPACE_CHECK=0`` turns the first check off.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+
+import numpy as np
+
+from ..config.errors import InputError, WriteFailure
+from ..config.knobs import get_knobs
+from ..parallel.collectives import agree
+
+MIB = 2**20
+
+
+def human(nbytes: float) -> str:
+    """``12.3 MiB`` / ``1.20 GiB`` / ``512 B``.  Local."""
+    nbytes = float(nbytes)
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(nbytes) >= size:
+            return f"{nbytes / size:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def dataset_bytes(shape, dtype) -> int:
+    """Bytes of an uncompressed dataset of this shape and dtype.  Local."""
+    return int(np.prod([int(n) for n in shape], dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def folder_of(path) -> str:
+    """The existing folder that will hold ``path``.  Local."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    return folder or os.sep
+
+
+def free_bytes(path) -> int:
+    """Free bytes for an unprivileged writer in the folder of ``path``.  Local."""
+    return int(shutil.disk_usage(folder_of(path)).free)
+
+
+def space_shortfall(path, nbytes: int) -> str | None:
+    """The refusal message when ``nbytes`` (+ margin) do not fit next to ``path``, else None.  Local."""
+    knobs = get_knobs()
+    if not knobs.space_check or nbytes <= 0:
+        return None
+    margin = int(knobs.space_margin_mb * MIB)
+    free = free_bytes(path)
+    if nbytes + margin <= free:
+        return None
+    return (f"needs {human(nbytes + margin)} of free space ({human(nbytes)} of data + {human(margin)} "
+            f"CUBEFIT_SPACE_MARGIN_MB for HDF5 metadata) but {folder_of(path)} has {human(free)} free; "
+            f"free some space (or move the file) and rerun: nothing was written")
+
+
+def require_free_space(path, nbytes: int, what: str, comm) -> None:
+    """Refuse (InputError, exit 2) when ``nbytes`` plus the margin do not fit.  Collective over comm.
+
+    Rank 0 decides (one ``statvfs``), every rank raises the same one-line error naming ``what``
+    (e.g. ``"recon of /ReconCube"``), the sizes and the folder.
+    """
+    message = agree(space_shortfall(path, int(nbytes)) if comm.Get_rank() == 0 else None, comm)
+    if message is not None:
+        raise InputError(f"{os.fspath(path)}: {what} {message}")
+
+
+def file_size(path) -> int:
+    """``st_size`` of ``path`` (0 when missing).  Local."""
+    try:
+        return os.stat(os.fspath(path)).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def allocated_end(f, datasets=()) -> int:
+    """HDF5's end of allocation of ``f``: ``H5Fget_filesize``, or (where the MPI-IO driver does not
+    answer it) the end of the furthest of ``datasets``' contiguous storage.  Local."""
+    try:
+        return int(f.id.get_filesize())
+    except RuntimeError:
+        ends = [0]
+        for dset in datasets:
+            offset = dset.id.get_offset()
+            if offset is not None:
+                ends.append(int(offset) + int(dset.id.get_storage_size()))
+        return max(ends)
+
+
+def reserve_new_space(f, start: int, what: str, comm, datasets=()) -> None:
+    """Reserve the bytes HDF5 has allocated beyond ``start`` but not yet written.  Collective over comm.
+
+    Call it after creating datasets (allocated early) and *before* the flush that writes their
+    metadata: ``start`` is the file's size after the previous flush, the end is HDF5's end of
+    allocation (:func:`allocated_end`; ``datasets`` are the new ones).  Rank 0 reserves the range with ``posix_fallocate`` (or,
+    where a file system lacks it, by writing zeros there: nothing of the file lives beyond
+    ``start`` yet).  When there is no room (or the quota is reached) this is a
+    :class:`WriteFailure` on every rank (exit 1) before HDF5 has written a byte: abandoned, the
+    file on disk is that of the last flush.
+    """
+    failure = None
+    if comm.Get_rank() == 0:
+        stop = allocated_end(f, datasets)
+        if stop > start:
+            try:
+                _reserve(f.filename, start, stop)
+            except OSError as exc:
+                failure = (f"{f.filename}: no room for the {human(stop - start)} of {what} ({exc.strerror or exc}); "
+                           f"the file holds what it held before: free some space and rerun")
+    failure = agree(failure, comm)
+    if failure is not None:
+        raise WriteFailure(failure, everywhere=True)
+
+
+def _reserve(path: str, start: int, stop: int) -> None:
+    """``posix_fallocate(path, start, stop - start)``, or zeros written there without it.  Local."""
+    fd = os.open(os.fspath(path), os.O_WRONLY)
+    try:
+        if hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(fd, start, stop - start)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+        block = bytes(min(stop - start, 4 * MIB))
+        pos = start
+        while pos < stop:
+            pos += os.pwrite(fd, block[:stop - pos], pos)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def require_writable_folder(folder, option: str) -> None:
+    """Create ``folder`` if needed and prove a file can be written in it; InputError naming ``option``.  Local.
+
+    A probe file is created and removed (permission bits alone do not tell: root ignores them, a
+    read-only mount does not).
+    """
+    import tempfile
+
+    folder = os.fspath(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".cubefit-probe-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{option} {folder}: cannot write there ({exc.strerror or exc})") from None
