@@ -249,13 +249,13 @@ def test_file_locked_elsewhere(built):
 
 def test_disk_full_keeps_finished_tiles_and_resumes(tmp_path):
     """A real full disk (a small tmpfs): clear error, finished tiles valid, the resume completes."""
-    mnt, src, ref = tmp_path / "mnt", tmp_path / "src.h5", tmp_path / "ref.h5"
+    src, ref = tmp_path / "src.h5", tmp_path / "ref.h5"
     res = run_cli("mock", src, "--spaxels", 200, "--populations", 12, "--wavelengths", 300, "--seed", 8)
     assert res.returncode == 0, res.stderr
     shutil.copy(src, ref)
     build_hypercube(str(ref), S_chunk=4, C_chunk=3, comm=SELF)
     size_kb = os.path.getsize(src) // 1024 + 4096            # room for about half of the 8.6 MB hypercube
-    with small_tmpfs(mnt, size_kb):
+    with small_tmpfs(size_kb) as mnt:
         shutil.copy(src, mnt / "full.h5")
         res = run_cli("build", mnt / "full.h5", "--chunks", "4,3,12", env={"CUBEFIT_BUILD_CHECKPOINT_SEC": "0"})
         assert res.returncode == 1, res.stderr

@@ -2,7 +2,9 @@
 
 The same under ``mpiexec -n N``, ``srun``, or alone.  Exit codes: 0 success; 2 bad input or
 usage (one line on stderr from rank 0, the file untouched); 1 internal error (traceback of the
-failing rank, the other ranks aborted).  ``--help`` and ``info`` never start MPI.
+failing rank, the other ranks aborted) or a failed write (one line).  ``--help`` and ``info``
+never start MPI.  Every command that writes a file holds its one-writer lock
+(:func:`~cubefit_mpi.io.lock.write_lock`, see :func:`written_file`) for its whole run.
 """
 from __future__ import annotations
 
@@ -180,13 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         return cmd_info(args, None)
     from ..config.knobs import get_knobs
-    from ..parallel.comm import get_comm, install_abort_excepthook
+    from ..io.lock import write_lock
+    from ..parallel.comm import get_comm, install_abort_excepthook, run_abort_hooks
+    from ..parallel.failure import FailureAgreement
     from ..parallel.output import setup_logging
     from ..parallel.threads import limit_blas_threads
-
-    from ..io.lock import write_lock
-    from ..parallel.comm import run_abort_hooks
-    from ..parallel.failure import FailureAgreement
 
     comm = get_comm()
     install_abort_excepthook(comm)

@@ -150,32 +150,31 @@ def staged_datasets(f, specs, comm, what: str | None = None):
     ``write_block``) and to give attributes.  Before yielding: interrupted swaps are recovered,
     the free space is checked (:func:`~.space.require_free_space`, exit 2), the datasets are
     created (allocated at once, or the previous version's spare reused), their bytes reserved
-    (:func:`~.space.reserve_new_space`) and the file flushed, so writing their data can neither
-    fail for space nor change HDF5 metadata.  When the block ends without an exception
+    and the file flushed (:func:`~.space.reserved_flush`, as every flush here), so writing their
+    data can neither fail for space nor change HDF5 metadata.  When the block ends without an exception
     the file is flushed, the names are recorded as complete, and each new dataset is renamed to
     ``name`` (the old version kept as ``name__spare`` for the next write), flushed again.
 
     A failure or a kill before the record leaves every ``name`` as it was (the next call discards
     the unfinished ``name__new``); a kill after it is finished by the next call (:func:`recover_swap`).
     """
-    from .space import file_size, require_free_space, reserve_new_space
+    from .space import file_size, require_free_space, reserved_flush
 
     specs = _normalised(specs)
     names = [s[0] for s in specs]
     what = what or ", ".join(names)
-    recover_swap(f, *names)
     require_free_space(f.filename, staged_bytes(f, specs), f"writing {what}", comm)
-    f.flush()
+    reserved_flush(f, what, comm)
     start = agree(file_size(f.filename) if comm.Get_rank() == 0 else None, comm)
-    staged = {name: _fresh_dataset(f, name, shape, dtype, kwargs) for name, shape, dtype, kwargs in specs}
-    reserve_new_space(f, start, what, comm, staged.values())
-    f.flush()
-    yield staged
-    f.flush()
-    f.attrs[COMMIT_ATTR] = json.dumps(names)
-    f.flush()
     recover_swap(f, *names)
-    f.flush()
+    staged = {name: _fresh_dataset(f, name, shape, dtype, kwargs) for name, shape, dtype, kwargs in specs}
+    reserved_flush(f, what, comm, start, staged.values())
+    yield staged
+    reserved_flush(f, what, comm)
+    f.attrs[COMMIT_ATTR] = json.dumps(names)
+    reserved_flush(f, what, comm)
+    recover_swap(f, *names)
+    reserved_flush(f, what, comm)
 
 
 @contextmanager

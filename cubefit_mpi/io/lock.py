@@ -31,6 +31,7 @@ from ..parallel.comm import forget_on_abort, on_abort
 _LOG = logging.getLogger("cubefit_mpi.io")
 SUFFIX = ".lock"
 _HELD: dict[str, int] = {}          # lock path -> nesting depth in this process
+UNREADABLE_STALE_SEC = 60.0         # an empty or unreadable lock file older than this is stale
 
 
 def lock_path(path) -> str:
@@ -94,6 +95,13 @@ def holder_alive(holder: dict) -> bool | None:
     return started is None or _start_time(pid) in (None, started)
 
 
+def _age(lock: str) -> float:
+    try:
+        return time.time() - os.stat(lock).st_mtime
+    except OSError:
+        return 0.0
+
+
 def _try_create(lock: str, content: str) -> bool:
     try:
         fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -121,6 +129,8 @@ def _acquire(path, command: str) -> tuple[str | None, str | None]:
         if holder is None:
             continue                                  # released meanwhile: try again
         alive = holder_alive(holder)
+        if "pid" not in holder and _age(lock) > UNREADABLE_STALE_SEC:
+            alive = False                             # a writer killed between creating and filling it
         if alive is False:
             _LOG.warning("%s: broke the stale lock of %s: that process is gone", path, describe(holder))
             try:

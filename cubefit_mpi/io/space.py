@@ -9,12 +9,12 @@ that from happening:
    write) rank 0 compares the free space of the file's folder (``shutil.disk_usage``) with what
    will be written plus ``CUBEFIT_SPACE_MARGIN_MB`` for HDF5 metadata, and every rank refuses
    with one :class:`~cubefit_mpi.config.errors.InputError` (exit 2) naming both sizes;
-2. :func:`reserve_new_space` -- once new datasets are created (allocated early), and before
-   the flush that writes their metadata, rank 0 reserves every byte HDF5 has allocated
+2. :func:`reserved_flush` -- before each flush of a write (the one after new datasets are
+   created, allocated early; those of the final swap; the last one of every writable open),
+   rank 0 reserves every byte HDF5 has allocated and a slack for the metadata the flush adds
    (``posix_fallocate``): when the disk filled up meanwhile, or a quota the free space does not
    show is reached, this fails before HDF5 writes a byte, and the file on disk is still the one
-   of the last flush.  Writing the data and the metadata of the new datasets then needs no new
-   disk space; what remains is the few kilobytes of the final renames, kept by the margin.
+   of the last flush.  Writing the data of new datasets needs no new space at all.
 
 Collective over comm where noted; ``CUBEFIT_SPACE_CHECK=0`` turns the first check off.
 """
@@ -93,43 +93,55 @@ def file_size(path) -> int:
         return 0
 
 
-def allocated_end(f, datasets=()) -> int:
-    """HDF5's end of allocation of ``f``: ``H5Fget_filesize``, or (where the MPI-IO driver does not
-    answer it) the end of the furthest of ``datasets``' contiguous storage.  Local."""
+def allocated_end(f, datasets=()) -> tuple[int, bool]:
+    """HDF5's end of allocation of ``f`` and whether it is exact: ``H5Fget_filesize``, or (where the
+    MPI-IO driver does not answer it, after parallel writes) the end of the furthest of
+    ``datasets``' contiguous storage, which misses new metadata.  Local."""
     try:
-        return int(f.id.get_filesize())
+        return int(f.id.get_filesize()), True
     except RuntimeError:
         ends = [0]
         for dset in datasets:
             offset = dset.id.get_offset()
             if offset is not None:
                 ends.append(int(offset) + int(dset.id.get_storage_size()))
-        return max(ends)
+        return max(ends), False
 
 
-def reserve_new_space(f, start: int, what: str, comm, datasets=()) -> None:
-    """Reserve the bytes HDF5 has allocated beyond ``start`` but not yet written.  Collective over comm.
+METADATA_SLACK = 256 * 2**10       # bytes reserved past the end of allocation before a flush, when it is not known
+EXACT_SLACK = 16 * 2**10           # and when it is
 
-    Call it after creating datasets (allocated early) and *before* the flush that writes their
-    metadata: ``start`` is the file's size after the previous flush, the end is HDF5's end of
-    allocation (:func:`allocated_end`; ``datasets`` are the new ones).  Rank 0 reserves the range with ``posix_fallocate`` (or,
-    where a file system lacks it, by writing zeros there: nothing of the file lives beyond
-    ``start`` yet).  When there is no room (or the quota is reached) this is a
-    :class:`WriteFailure` on every rank (exit 1) before HDF5 has written a byte: abandoned, the
-    file on disk is that of the last flush.
+
+def reserved_flush(f, what: str, comm, start: int | None = None, datasets=()) -> None:
+    """Reserve the disk space the next flush can write into, then flush.  Collective over comm.
+
+    Rank 0 reserves from ``start`` (default: the file's current size) to HDF5's end of
+    allocation (:func:`allocated_end`; ``datasets``: just created) plus a slack for what a flush
+    may add (:data:`EXACT_SLACK`, or :data:`METADATA_SLACK` where the end of allocation is not
+    known), with ``posix_fallocate`` (or, where a file system lacks it, zeros: nothing of the
+    file lives beyond its current size before the flush); nothing when HDF5 allocated nothing
+    beyond the file.  Only then is the file flushed, so the flush never meets a full disk.  No
+    room (or the quota reached) is a :class:`WriteFailure` on every rank (exit 1) raised before
+    HDF5 has written a byte: abandoned, the file on disk is that of the previous flush.
     """
     failure = None
     if comm.Get_rank() == 0:
-        stop = allocated_end(f, datasets)
-        if stop > start:
-            try:
-                _reserve(f.filename, start, stop)
-            except OSError as exc:
-                failure = (f"{f.filename}: no room for the {human(stop - start)} of {what} ({exc.strerror or exc}); "
-                           f"the file holds what it held before: free some space and rerun")
+        size = file_size(f.filename)
+        first = size if start is None else min(int(start), size)
+        end, exact = allocated_end(f, datasets)
+        stop = max(end, size) + (EXACT_SLACK if exact else METADATA_SLACK)
+        if exact and start is None and end <= size:
+            stop = first                              # nothing new: the flush rewrites what is on disk
+        try:
+            if stop > first:
+                _reserve(f.filename, first, stop)
+        except OSError as exc:
+            failure = (f"{f.filename}: no room for the {human(stop - first)} of {what} ({exc.strerror or exc}); "
+                       f"the file holds what it held before: free some space and rerun")
     failure = agree(failure, comm)
     if failure is not None:
         raise WriteFailure(failure, everywhere=True)
+    f.flush()
 
 
 def _reserve(path: str, start: int, stop: int) -> None:

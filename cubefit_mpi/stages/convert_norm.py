@@ -1,5 +1,7 @@
 """Stage ``convert-norm``: flip a built hypercube between ``norm="model"`` and ``norm="data"`` in
-place, with no FFT, resumable and idempotent per tile.
+place, with no FFT, resumable and idempotent per tile.  A compressed cube is refused (exit 2, with
+the ``recompress`` commands that make it convertible): its chunks cannot be rewritten in place
+without changing HDF5 metadata, which no journal protects from a kill.
 
 ``models[s] *= F[s]`` (:func:`~cubefit_mpi.numerics.normalization.norm_factor`) over S-tiles
 dealt to the ranks.  A kill at any moment must neither scale a tile twice nor leave one half
@@ -28,7 +30,7 @@ from ..io import layout as lay
 from ..io.blocks import read_block, write_block
 from ..io.datasets import replace_dataset
 from ..io.h5file import open_h5
-from ..io.space import dataset_bytes, file_size, require_free_space, reserve_new_space
+from ..io.space import dataset_bytes, file_size, require_free_space, reserved_flush
 from ..io.hypercube_state import CONVERTING_ATTR, ENERGY_STALE, mark_models_changed, require_usable_models
 from ..numerics.normalization import NORM_MODES, masked_mean_flux, norm_factor
 from ..parallel.collectives import agree, allreduce_sum
@@ -124,6 +126,8 @@ def _plan(f, path: str, to_mode: str, comm) -> _Conversion | None:
                          f"`cubefit_mpi convert-norm {path} --to {converting}`")
     if current == to_mode and not converting:
         return None
+    if not converting:
+        _refuse_filtered(models, path, to_mode)
     if lay.LOSVD_AMP_SUM not in f:
         raise InputError(f"{lay.LOSVD_AMP_SUM}: dataset missing; rebuild with `cubefit_mpi build {path} --force`")
     amp_sum = np.asarray(f[lay.LOSVD_AMP_SUM][...], dtype=np.float64)
@@ -148,6 +152,23 @@ def _plan(f, path: str, to_mode: str, comm) -> _Conversion | None:
                        tile_bounds(models.shape[0], s_chunk), tuple(models.shape))
 
 
+def _refuse_filtered(models, path: str, to_mode: str) -> None:
+    """Refuse a compressed (filtered) hypercube.  Local.
+
+    Rewriting a compressed chunk in place makes HDF5 allocate it anew and update the chunk index
+    and the file's free space: metadata that a kill or a full disk can leave half-written, which
+    the tile journal cannot undo.  Only an uncompressed cube (chunks allocated once, rewritten in
+    place: raw data only) is converted in place.
+    """
+    filters = models.id.get_create_plist().get_nfilters()
+    if filters:
+        label = str(models.file[lay.HYPERCUBE].attrs.get("compression", models.compression or "filtered"))
+        raise InputError(f"{lay.MODELS}: compressed ({label}); convert-norm rewrites the cube in place, which is "
+                         f"crash-safe only uncompressed: run `cubefit_mpi recompress {path} --compression none`, "
+                         f"`cubefit_mpi convert-norm {path} --to {to_mode}`, then `cubefit_mpi recompress {path} "
+                         f"--compression {label}`")
+
+
 def _start(f, plan: _Conversion, comm, start: int) -> None:
     """Create the journal and set ``norm.converting_to``, flushed, before any tile is touched.  Collective.
 
@@ -170,9 +191,8 @@ def _start(f, plan: _Conversion, comm, start: int) -> None:
         dset = replace_dataset(f, lay.DATA_FLUX, plan.flux.shape, "f8")
         write_block(dset, (0,) if root else None, plan.flux if root else None)
     _make_backup(f, plan, comm)
-    reserve_new_space(f, start, "the convert-norm journal", comm, [f[BACKUP]])   # no room: nothing written yet
     f[lay.HYPERCUBE].attrs[CONVERTING_ATTR] = plan.target
-    f.flush()
+    reserved_flush(f, "the convert-norm journal", comm, start, [f[BACKUP]])   # no room: nothing written yet
 
 
 def _make_backup(f, plan: _Conversion, comm) -> None:
@@ -191,11 +211,10 @@ def _make_backup(f, plan: _Conversion, comm) -> None:
 def _ensure_slots(f, plan: _Conversion, comm, start: int) -> None:
     """A backup with a slot for every rank of this run (after the restore, no backup is needed).  Collective."""
     if BACKUP not in f or f[BACKUP].shape[0] < comm.Get_size():
-        f.flush()
+        reserved_flush(f, "the convert-norm backups", comm)
         start = agree(file_size(f.filename) if comm.Get_rank() == 0 else None, comm)
         _make_backup(f, plan, comm)
-        reserve_new_space(f, start, "the convert-norm backups", comm, [f[BACKUP]])
-        f.flush()
+        reserved_flush(f, "the convert-norm backups", comm, start, [f[BACKUP]])
 
 
 def _deal(indices: list, comm) -> list:

@@ -152,8 +152,12 @@ def recompress(path: str, compression: str | None, comm=None) -> dict:
     comm = get_comm(comm)
     filt, opt = parse_compression(compression, comm.Get_size())
     label = f"{filt}:{opt}" if filt else "none"
-    with open_h5(path, "r+", comm) as f:
-        finished = _finish_interrupted_swap(f)
+    finished = False
+    with open_h5(path, "r", comm) as f:
+        interrupted = interrupted_recompress(f) is not None or (lay.MODELS in f and RECOMPRESS_OLD in f)
+    if interrupted:                        # opened for writing only when there is a swap to finish
+        with open_h5(path, "r+", comm) as f:
+            finished = _finish_interrupted_swap(f)
     with open_h5(path, "r", comm) as f:
         models = require_usable_models(f, comm, check_inputs=False)
         current = str(f[lay.HYPERCUBE].attrs.get("compression", "none"))

@@ -110,7 +110,9 @@ def writer_process_main() -> None:
     """Body of a writer process: messages arrive pickled on stdin, ``ready`` goes to stdout."""
     import pickle
 
-    _quiet_write_tracebacks()                    # the failure itself is reported once, by _writer_loop
+    from ..io.h5file import quiet_write_errors
+
+    quiet_write_errors()                         # a full disk is reported once, by _writer_loop
     stdin = sys.stdin.buffer
     path, meta, settings = pickle.load(stdin)
     local: _queue.Queue = _queue.Queue(maxsize=settings["qsize"])   # full: back-pressure on the pipe
@@ -132,47 +134,6 @@ def writer_process_main() -> None:
     threading.Thread(target=read_pipe, daemon=True).start()
     if _writer_loop(path, meta, settings, local, report):
         os._exit(0)                              # a failed sidecar is abandoned, not closed
-
-
-def _quiet_write_tracebacks() -> None:
-    """In the writer process: drop the tracebacks h5py prints when it frees objects of a file whose
-    writes failed (a full disk: dozens of them), forward everything else to stderr.  Local."""
-    from ..io.h5file import is_write_error
-
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        if not is_write_error(unraisable.exc_value):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
-    read_fd, write_fd = os.pipe()
-    real = os.dup(2)
-    os.dup2(write_fd, 2)
-    os.close(write_fd)
-
-    def pump():
-        block: list[str] = []
-        dropping = False                         # inside a dropped traceback's multi-line message
-        with os.fdopen(read_fd, "r", errors="replace") as pipe, os.fdopen(real, "w") as out:
-            for line in pipe:
-                if dropping and line.startswith(","):
-                    continue
-                dropping = False
-                if line.startswith("Traceback (most recent call last)") or block:
-                    block.append(line)
-                    if line.startswith((" ", "Traceback")):
-                        continue
-                    text, block = "".join(block), []
-                    if "file write failed" in text or "No space left" in text or "Disk quota" in text:
-                        dropping = True
-                        continue
-                    out.write(text)
-                else:
-                    out.write(line)
-                out.flush()
-
-    threading.Thread(target=pump, name="cubefit-tracker-stderr", daemon=True).start()
 
 
 class _ThreadWriter:
