@@ -213,8 +213,8 @@ class Tmpfs:
         subprocess.run(["cp", "--sparse=always", str(self.mnt / name), str(dest)], check=True)
 
     def close(self) -> None:
-        if self.ok:
-            subprocess.run(["umount", str(self.mnt)], check=False)
+        if self.ok and subprocess.run(["umount", str(self.mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(self.mnt)], check=False)      # busy: detached now, freed later
 
 
 # ---------------------------------------------------------------------------------------------
