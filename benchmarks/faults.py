@@ -58,6 +58,8 @@ STAGES = {
     "ingest": (["ingest", "--force"], None, "ingested"),
     "mock": (["mock"] + MOCK[:-1] + ["9"], None, "mocked"),
     "run": (["run"], ["/X_global", "/ReconCube", "/HyperCube/lambda_weights"], "solved"),
+    "uncertainty": (["uncertainty", "--replicates", "16", "--batch", "4"],
+                    ["/Uncertainty/replicates", "/Uncertainty/_done", "/Uncertainty/totals_mean"], "solved"),
 }
 
 

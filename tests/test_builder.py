@@ -103,6 +103,43 @@ def test_chunks_and_compression_do_not_change_bytes(small_mock, tmp_path):
         assert f["/HyperCube/models"].chunks == (7, 2, 3, 120) and f["/HyperCube/_done"].shape == (9, 1, 2)
 
 
+@pytest.mark.parametrize("method", ["gemm", "fft"])
+def test_either_fill_method_gives_the_same_bytes_at_any_chunk_shape(small_mock, tmp_path, monkeypatch, method):
+    monkeypatch.setenv("CUBEFIT_BUILD_METHOD", method)
+    paths = []
+    for i, chunks in enumerate(((8, 1, 6), (60, 2, 6), (7, 2, 3))):
+        p = tmp_path / f"{method}{i}.h5"
+        shutil.copy(small_mock, p)
+        build_hypercube(str(p), S_chunk=chunks[0], C_chunk=chunks[1], P_chunk=chunks[2], comm=SELF)
+        paths.append(p)
+        with h5py.File(p) as f:
+            assert f["/HyperCube"].attrs["build.method"] == method
+    ref = read(paths[0], "/HyperCube/models")[0]
+    for p in paths[1:]:
+        assert read(p, "/HyperCube/models")[0].tobytes() == ref.tobytes()
+
+
+def test_gemm_and_fft_agree_to_float32_and_a_resume_keeps_its_method(small_mock, tmp_path, monkeypatch):
+    a, b = tmp_path / "gemm.h5", tmp_path / "fft.h5"
+    for path, method in ((a, "gemm"), (b, "fft")):
+        shutil.copy(small_mock, path)
+        monkeypatch.setenv("CUBEFIT_BUILD_METHOD", method)
+        build_hypercube(str(path), S_chunk=8, comm=SELF)
+    ma, mb = read(a, "/HyperCube/models")[0], read(b, "/HyperCube/models")[0]
+    np.testing.assert_allclose(ma, mb, rtol=0, atol=3e-7 * np.abs(mb).max())
+    monkeypatch.setenv("CUBEFIT_BUILD_METHOD", "auto")
+    invalidate_tiles(str(b), "0:16", comm=SELF)
+    assert build_hypercube(str(b), comm=SELF)["units_built"] == 2          # resumed with fft, not gemm
+    assert read(b, "/HyperCube/models")[0].tobytes() == mb.tobytes()
+    with h5py.File(a, "r+") as f:
+        t = f["/Templates"][...]
+        t[0, t.shape[1] // 2] = -1.0
+        f["/Templates"][...] = t
+    monkeypatch.setenv("CUBEFIT_BUILD_METHOD", "gemm")
+    with pytest.raises(InputError, match="CUBEFIT_BUILD_METHOD=gemm: /Templates has negative values"):
+        build_hypercube(str(a), force=True, comm=SELF)
+
+
 def test_data_norm_and_convert_roundtrip(small_mock, tmp_path):
     model_path, data_path = tmp_path / "m.h5", tmp_path / "d.h5"
     for p, norm in ((model_path, "model"), (data_path, "data")):
@@ -247,6 +284,7 @@ def test_file_locked_elsewhere(built):
         holder.wait()
 
 
+@pytest.mark.slow
 def test_disk_full_keeps_finished_tiles_and_resumes(tmp_path):
     """A real full disk (a small tmpfs): clear error, finished tiles valid, the resume completes."""
     src, ref = tmp_path / "src.h5", tmp_path / "ref.h5"
@@ -277,6 +315,7 @@ def test_disk_full_keeps_finished_tiles_and_resumes(tmp_path):
                                rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_sigkill_of_mpiexec_build_then_resume(tmp_path):
     """A real SIGKILL of a running `mpiexec -n 2` build; the resumed build equals an uninterrupted one."""
     path, ref = tmp_path / "k.h5", tmp_path / "ref.h5"

@@ -42,7 +42,7 @@ def test_mock_then_status(tmp_path):
     assert "wrote" in res.stdout and "S=20" in res.stdout
     res = run_cli("status", path)
     assert res.returncode == 0
-    assert "S=20 L=100" in res.stdout and "synthetic galaxy" in res.stdout
+    assert "S=20 L=100" in res.stdout and "mock galaxy (synthetic templates)" in res.stdout
 
 
 def test_bad_mock_option_exit_2(tmp_path):

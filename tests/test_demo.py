@@ -5,10 +5,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_demo_pipeline(tmp_path):
     out = subprocess.run(["bash", "scripts/demo.sh", str(tmp_path / "galaxy.h5"), "2"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
@@ -30,6 +32,7 @@ def test_demo_pipeline(tmp_path):
     assert 0.9 < np.median(ratio) < 1.1
 
 
+@pytest.mark.slow
 def test_demo_from_config(tmp_path):
     out = subprocess.run(["bash", "scripts/demo_config.sh", str(tmp_path), "2"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)

@@ -71,7 +71,7 @@ def scipy_objective(design, target, extra=None):
 
 def test_noise_free_well_posed_recovers_truth(tmp_path):
     path = make_case(tmp_path, snr=None, populations=4, components=2, spaxels=40)
-    x, stats = solve_exact(str(path), comm=SELF)
+    x, stats = solve_exact(str(path), operator="hypercube", comm=SELF)
     with h5py.File(path) as f:
         truth = f["/Truth/x"][...].ravel()
         assert np.array_equal(f["/X_global"][...], x)
@@ -93,7 +93,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_objective_equals_scipy_nnls_and_brute_force(tmp_path, case):
     path = make_case(tmp_path, mutate=CASES[case])
-    x, stats = solve_exact(str(path), comm=SELF)
+    x, stats = solve_exact(str(path), operator="hypercube", comm=SELF)
     design, target = dense_system(path)
     ours = objective(design, target, x)
     ref, _ = scipy_objective(design, target)
@@ -127,7 +127,7 @@ def test_unconstrained_optimum_negative_is_handled(tmp_path):
     design, target = dense_system(path)
     unconstrained, *_ = np.linalg.lstsq(design, target, rcond=None)
     assert unconstrained.min() < 0                      # the case is really constrained
-    x, stats = solve_exact(str(path), comm=SELF)
+    x, stats = solve_exact(str(path), operator="hypercube", comm=SELF)
     assert x.min() >= 0 and stats["kkt.ok"]
     ref, _ = scipy_objective(design, target)
     assert abs(objective(design, target, x) - ref) <= 1e-9 * 0.5 * float(target @ target)
@@ -148,13 +148,13 @@ def test_weights_ridge_smoothness_and_orbit_terms(tmp_path, monkeypatch):
     d = difference_operator(pop_shape, 2).toarray()
     extra = np.vstack([np.sqrt(ridge) * np.eye(n), np.sqrt(regul) * np.kron(np.eye(2), d),
                        orbit_factor(2, 6, targets, mu)])
-    x, stats = solve_exact(str(path), ridge=ridge, regul=regul, orbit_weights=targets, orbit_strength=mu, comm=SELF)
+    x, stats = solve_exact(str(path), operator="hypercube", ridge=ridge, regul=regul, orbit_weights=targets, orbit_strength=mu, comm=SELF)
     ref, _ = scipy_objective(design, target, extra)
     ours = objective(design, target, x, extra)
     assert abs(ours - ref) <= 1e-9 * 0.5 * float(target @ target)
     assert stats["objective"] == pytest.approx(ours, rel=1e-9)
     totals = x.reshape(2, 6).sum(1)
-    plain, _ = solve_exact(str(path), comm=SELF)
+    plain, _ = solve_exact(str(path), operator="hypercube", comm=SELF)
     frac_plain = plain.reshape(2, 6).sum(1) / plain.sum()
     assert abs(totals[0] / totals.sum() - 0.7) < abs(frac_plain[0] - 0.7)   # pulled toward the targets
     with h5py.File(path) as f:
@@ -163,40 +163,40 @@ def test_weights_ridge_smoothness_and_orbit_terms(tmp_path, monkeypatch):
 
 def test_cache_reused_and_stale_cache_detected(tmp_path):
     path = make_case(tmp_path)
-    x1, s1 = solve_exact(str(path), comm=SELF)
+    x1, s1 = solve_exact(str(path), operator="hypercube", comm=SELF)
     assert not s1["from_cache"] and s1["passes"] == 1
-    x2, s2 = solve_exact(str(path), ridge=10.0, verify=False, comm=SELF)
+    x2, s2 = solve_exact(str(path), operator="hypercube", ridge=10.0, verify=False, comm=SELF)
     assert s2["from_cache"] and s2["passes"] == 0 and not np.allclose(x1, x2)
     with h5py.File(path, "r+") as f:                    # change the data: the cache must not be used
         f["/DataCube"][0, 0] = f["/DataCube"][0, 0] + 1.0
-    _, s3 = solve_exact(str(path), comm=SELF)
+    _, s3 = solve_exact(str(path), operator="hypercube", comm=SELF)
     assert not s3["from_cache"]
     from cubefit_mpi.stages.convert_norm import convert_hypercube_norm
     convert_hypercube_norm(str(path), "data", comm=SELF)   # other models: stale again
-    _, s4 = solve_exact(str(path), comm=SELF)
+    _, s4 = solve_exact(str(path), operator="hypercube", comm=SELF)
     assert not s4["from_cache"]
 
 
 def test_a_cache_that_disagrees_with_the_residual_pass_is_discarded(tmp_path):
     path = make_case(tmp_path)
-    x1, s1 = solve_exact(str(path), comm=SELF)
+    x1, s1 = solve_exact(str(path), operator="hypercube", comm=SELF)
     with h5py.File(path, "r+") as f:                    # the models changed behind the cache's back
         f["/Solve/gram"][0, 0] *= 3.0
         before = f["/X_global"][...]
     with pytest.raises(ConsistencyError, match=r"chi2 = .* but the normal equations give .*discarded"):
-        solve_exact(str(path), comm=SELF)
+        solve_exact(str(path), operator="hypercube", comm=SELF)
     with h5py.File(path, "r") as f:
         assert "/Solve/gram" not in f and np.array_equal(f["/X_global"][...], before)
-    x2, s2 = solve_exact(str(path), comm=SELF)
+    x2, s2 = solve_exact(str(path), operator="hypercube", comm=SELF)
     assert not s2["from_cache"] and s2["chi2_consistent"]
     np.testing.assert_allclose(x2, x1, rtol=1e-9, atol=1e-12 * x1.max())
 
 
 def test_working_set_equals_full_gram(tmp_path, monkeypatch):
     path = make_case(tmp_path, populations=12, components=3, snr=30.0)
-    x_full, s_full = solve_exact(str(path), comm=SELF)
+    x_full, s_full = solve_exact(str(path), operator="hypercube", comm=SELF)
     monkeypatch.setenv("CUBEFIT_GRAM_MAX_BYTES", str(8 * 36 * 30))
-    x_ws, s_ws = solve_exact(str(path), comm=SELF)
+    x_ws, s_ws = solve_exact(str(path), operator="hypercube", comm=SELF)
     assert s_ws["method"] == "exact-working-set" and s_ws["kkt.ok"] and s_ws["passes"] >= 2
     assert s_ws["objective"] == pytest.approx(s_full["objective"], rel=1e-9)
     assert s_ws["chi2"] == pytest.approx(s_full["chi2"], rel=1e-9)
@@ -242,8 +242,9 @@ def test_bad_input(tmp_path, name, prepare, args, message):
 
 def test_cli_solve_at_4_ranks_same_chi2(tmp_path):
     path = make_case(tmp_path)
-    _, serial = solve_exact(str(path), use_cache=False, comm=SELF)
-    res = run_cli("solve", path, "--no-cache", np_ranks=4, env={"CUBEFIT_LAMBDA_WEIGHTS_ENABLE": "0"})
+    _, serial = solve_exact(str(path), operator="hypercube", use_cache=False, comm=SELF)
+    res = run_cli("solve", path, "--no-cache", "--operator", "hypercube", np_ranks=4,
+                  env={"CUBEFIT_LAMBDA_WEIGHTS_ENABLE": "0"})
     assert res.returncode == 0, res.stderr
     assert "KKT certificate OK" in res.stdout
     with h5py.File(path) as f:

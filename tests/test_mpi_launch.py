@@ -1,10 +1,11 @@
 """Launch behaviour under mpiexec: failures end the job, results do not depend on the rank count."""
+import os
 import subprocess
 import time
 
 import h5py
 import numpy as np
-from conftest import PYTHON, run_cli
+from conftest import PYTHON, ROOT, run_cli
 
 FAIL_ON_RANK_1 = """
 from cubefit_mpi.parallel.comm import get_comm, install_abort_excepthook
@@ -84,3 +85,29 @@ def test_ranks_share_the_cores_with_blas():
                          timeout=60, env={**env, "OMP_NUM_THREADS": "1"})
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 2 and all(line.split(" ", 2)[1] == "0" for line in lines), (res.stdout, res.stderr)   # launcher decides
+
+
+def _selftest(case: str, timeout: float):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPIR_", "HYDRA"))}
+    env["CUBEFIT_SELFTEST_CASE"] = case
+    cmd = ["mpiexec", "-n", "2", PYTHON, "-m", "mpi4py", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           "--with-mpi", str(ROOT / "tests" / "mpi" / "selftest_one_rank_fails.py")]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return proc, time.monotonic() - t0
+
+
+def test_a_failure_on_one_rank_fails_the_test_on_every_rank():
+    proc, _ = _selftest("verdict", timeout=120)
+    assert proc.returncode != 0
+    out = proc.stdout
+    # both ranks report the failed test; the next test runs and passes on both
+    assert out.count("FAILED") >= 2 and "failed on rank(s) 1" in out, out[-3000:]
+    assert out.count("1 failed, 1 passed") == 2, out[-3000:]
+
+
+def test_a_failure_while_the_other_rank_waits_in_a_collective_ends_the_job_in_seconds():
+    proc, seconds = _selftest("stuck", timeout=120)
+    assert proc.returncode != 0
+    assert "did not reach the verdict" in proc.stderr and "rank 1 failed before the collective" in proc.stderr
+    assert seconds < 60, seconds                     # VERDICT_SECONDS (10 s) plus start-up, never a 300 s timeout

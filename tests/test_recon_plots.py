@@ -256,7 +256,7 @@ def _mutate_foreign_out(f):
     (_mutate_x_negative, {}, r"/X_global: negative value -0.5 at \(c=0, p=3\)"),
     (None, {"x_dataset": "/Nope"}, r"/Nope: dataset missing"),
     (_mutate_incomplete, {}, r"the hypercube is incomplete; finish it with `cubefit_mpi build .*fit.h5`"),
-    (_mutate_no_models, {}, r"/HyperCube/models: dataset missing .* run `cubefit_mpi build"),
+    (_mutate_no_models, {"operator": "hypercube"}, r"/HyperCube/models: dataset missing .* run `cubefit_mpi build"),
     (_mutate_converting, {},
      r"interrupted conversion to norm .data. must be finished first: `cubefit_mpi convert-norm .* --to data`"),
     (_mutate_weights_nan_unmasked, {}, r"/HyperCube/lambda_weights: pixel 0 has weight .*expected a finite value"),
@@ -277,8 +277,10 @@ def test_bad_input_is_input_error_and_file_untouched(fit_file, mutate, kwargs, m
 def test_model_rows_equals_dense(fit_file):
     models, x = add_fit(fit_file)
     x[1, :] = 0.0
+    from cubefit_mpi.operators.select import open_operator
+
     with h5py.File(fit_file, "r") as f:
-        got = model_rows(f["/HyperCube/models"], x, [5, 0, 59])
+        got = model_rows(f, open_operator(str(fit_file), "hypercube", comm=SELF), x, [5, 0, 59])
     np.testing.assert_allclose(got, dense_reference(models[[5, 0, 59]], x), rtol=1e-12)
 
 
@@ -403,10 +405,10 @@ def test_plot_errors(fit_file, tmp_path):
     add_fit(fit_file)
     with pytest.raises(InputError, match="--n 0: expected a positive integer"):
         make_plots(fit_file, tmp_path / "p", n_spaxels=0, comm=SELF)
-    with h5py.File(fit_file, "r+") as f:
-        del f["/HyperCube/models"]
-    with pytest.raises(InputError, match="/ReconCube: missing and so is /HyperCube/models"):
-        make_plots(fit_file, tmp_path / "p", comm=SELF)
+    with h5py.File(fit_file, "r+") as f:          # no hypercube, no recon: the spectra come from the factors
+        del f["/HyperCube"]
+    written = make_plots(fit_file, tmp_path / "p", comm=SELF)
+    assert "spectra_best_worst.png" in [os.path.basename(p) for p in written]
 
 
 def test_newest_sidecar_and_unreadable_sidecar(fit_file, tmp_path):

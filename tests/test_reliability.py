@@ -307,8 +307,9 @@ STAGES = {   # stage -> the command line on FILE
     "ingest": lambda f, fits: ["ingest", f, "--force", *fits],
     "mock": lambda f, fits: ["mock", f, *MOCK[:-1], 4],
     "run": lambda f, fits: ["run", _run_config(f)],
+    "uncertainty": lambda f, fits: ["uncertainty", f, "--replicates", 8, "--batch", 4],
 }
-FAST = {("recon", 1), ("solve", 1), ("ingest", 1)}
+FAST = {("recon", 1), ("solve", 1), ("ingest", 1), ("uncertainty", 1)}
 
 
 def _disk_full_case(cube, fits, tmp_path, stage, ranks, env, expected):

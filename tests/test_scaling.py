@@ -190,6 +190,7 @@ def study(tmp_path_factory):
     return run_study(tmp_path_factory.mktemp("scaling"))
 
 
+@pytest.mark.slow
 def test_scaling_writes_csv_and_plots(study):
     out, proc = study
     rows = read_csv(out / "scaling.csv")
@@ -214,6 +215,7 @@ def test_scaling_writes_csv_and_plots(study):
     assert "build" in proc.stdout and "model" in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_model_columns_are_filled_and_consistent(study):
     """The model's accuracy is a measurement (``benchmarks/scaling_model.py``); here its columns
     are checked: a prediction for every point, the error as defined, the contention seen."""
@@ -222,6 +224,7 @@ def test_the_model_columns_are_filled_and_consistent(study):
         assert float(r["model_error"]) == pytest.approx(float(r["wall"]) / float(r["model_wall"]) - 1, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_weak_scaling_grows_the_spaxels(tmp_path):
     proc = run_cli("scaling", "--ranks", "1,2", "--what", "build", "--repeat", "1", "--weak", "--out", tmp_path,
                    "40,2,6,120", timeout=120)
@@ -271,3 +274,23 @@ def test_bad_arguments_are_input_errors(tmp_path):
     assert proc.returncode == 2 and "--weak" in proc.stderr
     proc = run_cli("scaling", "--ranks", "0,2", "--out", tmp_path, "20,1,2,60")
     assert proc.returncode == 2 and "--ranks" in proc.stderr
+
+
+def test_factored_model_counts_the_operators_flops_and_fits_g_per_rank():
+    from cubefit_mpi.perf import factored_model as fm
+
+    p, m = galaxy(), node()
+    S, C, P, K, lu = p.S, p.C, p.P, p.K, p.l_used
+    assert fm.pass_flops(p) == S * (C * K) ** 2 + 2.0 * S * lu * K * P + 2.0 * S * C * K * P
+    assert fm.contraction_flops(p) == (K * P) ** 2 * lu + (C * K * P) ** 2
+    layout = fm.best_layout(p, m, 1)
+    assert p.N ** 2 * 8 <= m.gram_budget(layout.ranks_per_node) < p.N ** 2 * 8 * 2 or layout.ranks_per_node == 1
+    assert layout.ranks_per_node * layout.threads == m.cores_per_node
+    one = fm.predict_factored_solve(p, m, layout)
+    assert one.compute == pytest.approx((fm.pass_flops(p) + fm.contraction_flops(p))
+                                        / (m.blas_flops * layout.threads * layout.ranks))
+    assert one.serial == sm.nnls_seconds(m, p.N, p.k)
+    hyper = sm.predict_solve(p, m, sm.Layout(1, 1, m.cores_per_node))
+    assert one.compute < hyper.compute / 100                  # no pass over the hypercube
+    rows = fm.factored_table(p, m, [1, 2, 4])
+    assert [r["nodes"] for r in rows] == [1, 2, 4] and rows[0]["speedup"] == 1.0

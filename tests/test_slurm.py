@@ -32,7 +32,7 @@ JOBSCRIPTS = ("build.sbatch", "solve.sbatch", "pipeline.sbatch", "scaling.sbatch
 PIPELINE_STEPS = ("mock", "validate", "build", "weights", "solve", "recon", "plot", "status")
 STAMP = r"\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\]"
 
-pytestmark = pytest.mark.timeout(900)      # includes a first-time apt-get install of slurm-wlm
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]   # includes a first-time apt-get install of slurm-wlm
 
 
 # ---- without Slurm -----------------------------------------------------------------------------

@@ -4,7 +4,8 @@ from __future__ import annotations
 from ..config.errors import InputError
 
 
-def _chunks(text: str | None):
+def parse_chunks(text: str | None):
+    """``"S,C,P"`` -> three ints (None -> three Nones); InputError otherwise.  Local."""
     if text is None:
         return None, None, None
     try:
@@ -58,16 +59,20 @@ def register(sub) -> None:
     p.add_argument("--invalidate", default=None, metavar="S0:S1|all")
     p.set_defaults(handler=cmd_done)
 
-    p = sub.add_parser("recompress", help="rewrite /HyperCube/models with other filters (copy, verify, swap)")
+    p = sub.add_parser("recompress", help="rewrite /HyperCube/models with other filters (copy, verify, swap); "
+                                          "--compact rewrites the whole file to reclaim the space")
     p.add_argument("file")
-    p.add_argument("--compression", required=True, metavar="gzip[:level]|lzf|none")
+    p.add_argument("--compression", default=None, metavar="gzip[:level]|lzf|none")
+    p.add_argument("--compact", action="store_true",
+                   help="then copy the whole file to a new one, verify, fsync and rename it over the original "
+                        "(HDF5 never shrinks a file by itself)")
     p.set_defaults(handler=cmd_recompress)
 
 
 def cmd_build(args, comm) -> int:
     from ..stages.build import build_hypercube
 
-    s, c, p = _chunks(args.chunks)
+    s, c, p = parse_chunks(args.chunks)
     out = build_hypercube(args.file, norm_mode=args.norm, amp_mode=args.amp, S_chunk=s, C_chunk=c, P_chunk=p,
                           compression=args.compression, comm=comm, force=args.force,
                           rebin_mode=args.rebin_mode)
@@ -126,9 +131,19 @@ def cmd_done(args, comm) -> int:
 
 
 def cmd_recompress(args, comm) -> int:
-    from ..stages.hypercube_maintenance import recompress
+    if args.compression is None and not args.compact:
+        raise InputError("recompress: give --compression gzip[:level]|lzf|none, --compact, or both")
+    if args.compression is not None:
+        from ..stages.hypercube_maintenance import recompress
 
-    recompress(args.file, args.compression, comm=comm)
-    if comm.Get_rank() == 0:
-        print(f"{args.file}:/HyperCube/models recompressed with {args.compression}")
+        recompress(args.file, args.compression, comm=comm)
+        if comm.Get_rank() == 0:
+            print(f"{args.file}:/HyperCube/models recompressed with {args.compression}")
+    if args.compact:
+        from ..stages.compact import compact_file
+
+        out = compact_file(args.file, comm=comm)
+        if comm.Get_rank() == 0:
+            print(f"{args.file}: compacted, {out['bytes_before']} -> {out['bytes_after']} bytes "
+                  f"({out['bytes_before'] - out['bytes_after']} reclaimed)")
     return 0

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # stage modules that add sub-commands: each has register(sub), setting handler=fn(args, comm) -> int
-CLI_MODULES = ("ingest", "build", "weights", "watch", "solve", "recon", "pipeline", "scaling")
+CLI_MODULES = ("ingest", "build", "weights", "watch", "solve", "uncertainty", "recon", "pipeline", "scaling", "velocity_bias",
+               "preflight")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "info":
         return cmd_info(args, None)
-    from ..config.knobs import get_knobs
+    from ..config.knobs import get_knobs, warn_predecessor_knobs
     from ..io.lock import write_lock
     from ..parallel.comm import get_comm, install_abort_excepthook, run_abort_hooks
     from ..parallel.failure import FailureAgreement
@@ -198,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         limit_blas_threads(comm, knobs.blas_threads)
         if rank == 0 and knobs.differing_from_defaults():
             _LOG.info("knobs: %s", knobs.differing_from_defaults())
+        if rank == 0:
+            warn_predecessor_knobs(logging.getLogger("cubefit_mpi.knobs"))
         handler = getattr(args, "handler", None) or COMMANDS[args.command]
         target = written_file(args)
         if target is None:
@@ -222,12 +225,14 @@ def main(argv: list[str] | None = None) -> int:
 
 # commands that write the file named by their `file` argument (`run` locks its configured file itself)
 WRITING_COMMANDS = ("mock", "ingest", "build", "rebin", "convert-norm", "energy", "recompress", "weights",
-                    "solve", "recon")
+                    "solve", "recon", "uncertainty")
+WRITING_WITH = {"done": "invalidate", "velocity-bias": "apply"}    # commands that write only with this option
 
 
 def written_file(args) -> str | None:
     """The file a command writes (it takes the one-writer lock on it), or None for readers.  Local."""
-    if args.command in WRITING_COMMANDS or (args.command == "done" and getattr(args, "invalidate", None)):
+    option = WRITING_WITH.get(args.command)
+    if args.command in WRITING_COMMANDS or (option is not None and getattr(args, option, None)):
         return args.file
     return None
 

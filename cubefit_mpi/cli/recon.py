@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from ..io.layout import X_GLOBAL
+from .solve import add_operator_options, operator_options
 
 
 
@@ -33,6 +34,7 @@ def register(sub) -> None:
                    help=f"weights (C*P,) to use (default {X_GLOBAL})")
     p.add_argument("--s-tile", type=int, default=None, metavar="N",
                    help="spaxels per tile (rounded up to whole chunks; default: one chunk)")
+    add_operator_options(p)
     p.set_defaults(handler=cmd_recon)
 
     p = sub.add_parser("plot", help="diagnostic PNGs: best/worst spectra, population weights, "
@@ -61,7 +63,8 @@ def cmd_recon(args, comm) -> int:
     """Handler of ``recon``.  Collective over comm."""
     from ..stages.recon import reconstruct
 
-    result = reconstruct(args.file, out=args.out, x_dataset=args.x_dataset, s_tile=args.s_tile, comm=comm)
+    result = reconstruct(args.file, out=args.out, x_dataset=args.x_dataset, s_tile=args.s_tile, comm=comm,
+                         **operator_options(args))
     if comm.Get_rank() == 0:
         n_s, n_l = result["shape"]
         print(f"wrote {result['out']} ({n_s}x{n_l}), {result['chi2']}, {result['rmse']} of {args.file} "

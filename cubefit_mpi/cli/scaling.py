@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config.errors import InputError
 from ..perf import model as sm
+from ..perf.factored_model import factored_table
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -135,6 +136,8 @@ def predict_report(machine_file: str | None, dims: list[int], nodes: list[int], 
     for label, per_node, threads in sm.solve_layouts(problem, machine):
         sections.append(("solve", label, sm.table(problem, machine, nodes, stage="solve", ranks_per_node=per_node,
                                                   threads=threads)))
+    sections.append(("solve", "from the factors, no hypercube (--operator factored)",
+                     factored_table(problem, machine, nodes)))
     report = {"problem": problem, "machine": machine, "sections": sections, "limits": sm.limits(problem, machine),
               "measured_here": sorted(measured)}
     if out_dir is not None:

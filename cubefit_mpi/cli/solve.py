@@ -5,6 +5,25 @@ import numpy as np
 
 
 
+def add_operator_options(parser) -> None:
+    """``--operator``, ``--norm``, ``--amp``: where A comes from.  Local."""
+    from ..operators.base import OPERATOR_CHOICES
+
+    g = parser.add_argument_group("operator")
+    g.add_argument("--operator", default="auto", choices=OPERATOR_CHOICES,
+                   help="where A comes from: its two factors (no hypercube needed), /HyperCube/models as "
+                        "stored, or auto (the factors when exact for this file; default %(default)s)")
+    g.add_argument("--norm", dest="norm_mode", default=None, help="model | data: the normalisation of factored "
+                   "models when the file has no hypercube (default: the hypercube's, else model)")
+    g.add_argument("--amp", dest="amp_mode", default=None, help="sum | trapz: LOSVD amplitude of factored models "
+                   "when the file has no hypercube (default: the hypercube's, else sum)")
+
+
+def operator_options(args) -> dict:
+    """The operator keywords of parsed arguments.  Local."""
+    return {"operator": args.operator, "norm_mode": args.norm_mode, "amp_mode": args.amp_mode}
+
+
 def register(sub) -> None:
     """Add the ``solve`` sub-parser; every default is the solver function's own.  Local."""
     from ..config.options import default_of
@@ -36,6 +55,7 @@ def register(sub) -> None:
                    help="exact: mu of the orbit-weight penalty (required with --orbit-weights); kaczmarz: "
                         "fraction of the way to the targets per tile (default 0.1)")
     p.add_argument("--no-weights", action="store_true", help="ignore lambda-weights")
+    add_operator_options(p)
     k = p.add_argument_group("kaczmarz")
     k.add_argument("--epochs", type=int, default=kz("epochs"), help="passes over all S-tiles (default %(default)s)")
     k.add_argument("--lr", type=float, default=kz("lr"), help="base learning rate (default %(default)s)")
@@ -43,6 +63,8 @@ def register(sub) -> None:
     k.add_argument("--c-bands", type=int, default=kz("c_bands"), help="component bands per S-group (default min(ranks, C))")
     k.add_argument("--decorrelate", type=float, default=kz("decorrelate"),
                    help="de-correlation nudge strength in [0, 1] (default %(default)s)")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="exact: then N bootstrap replicates with the defaults of `uncertainty` (0: none)")
     p.add_argument("--blas-threads", type=int, default=None)
     p.set_defaults(handler=cmd_solve)
 
@@ -50,9 +72,17 @@ def register(sub) -> None:
 def cmd_solve(args, comm) -> int:
     from ..pipeline.runner import PipelineRunner
 
+    if args.bootstrap:
+        from ..config.errors import InputError
+        from ..config.options import check_number
+
+        check_number("--bootstrap", args.bootstrap, minimum=0, integer=True)
+        if args.method != "exact":
+            raise InputError(f"--bootstrap: needs --method exact (it reuses the exact fit's normal equations), "
+                             f"got --method {args.method}")
     runner = PipelineRunner(args.file, comm=comm)
     common = dict(orbit_weights=args.orbit_weights, orbit_strength=args.orbit_strength,
-                  use_weights=not args.no_weights)
+                  use_weights=not args.no_weights, **operator_options(args))
     if args.method == "exact":
         x, stats = runner.solve("exact", blas_threads=args.blas_threads, ridge=args.ridge, regul=args.regul,
                                 regul_order=args.regul_order, use_cache=not args.no_cache,
@@ -67,4 +97,11 @@ def cmd_solve(args, comm) -> int:
         if "kkt.ok" in stats:
             line += f", KKT certificate {'OK' if stats['kkt.ok'] else 'NOT MET'}"
         print(line + f", component totals {totals}, {stats.get('seconds', 0):.1f}s on {comm.Get_size()} rank(s)")
+    if args.bootstrap:
+        from ..solvers.uncertainty import bootstrap_uncertainty
+        from .uncertainty import report_line
+
+        out = bootstrap_uncertainty(args.file, replicates=args.bootstrap, comm=comm)
+        if comm.Get_rank() == 0:
+            print(report_line(args.file, out))
     return 0

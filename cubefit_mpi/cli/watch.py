@@ -12,6 +12,9 @@ def register(sub) -> None:
     p.add_argument("file", help="the cube file being solved")
     p.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between updates (default 2)")
     p.add_argument("--once", action="store_true", help="print one line and exit")
+    p.add_argument("--plot", default=None, metavar="DIR",
+                   help="also keep PNGs of the running fit in DIR up to date (convergence; spectra, population "
+                        "weights, component totals of the latest x snapshot)")
     p.set_defaults(handler=cmd_watch)
 
 
@@ -25,7 +28,7 @@ def cmd_watch(args, comm) -> int:
     code, error = 0, None
     if comm.Get_rank() == 0:
         try:
-            code = watch(args.file, interval=args.interval, once=args.once, stream=sys.stdout)
+            code = watch(args.file, interval=args.interval, once=args.once, stream=sys.stdout, plot_dir=args.plot)
         except InputError as exc:
             error = exc
         except KeyboardInterrupt:

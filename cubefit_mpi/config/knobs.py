@@ -10,6 +10,11 @@ MPI ranks replace the process pool.  ``OMP_NUM_THREADS`` & co. are left to the l
 own variables (``CUBEFIT_FILE``, ``CUBEFIT_MOCK``, ..., ``CUBEFIT_<STEP>_ARGS``) are accepted
 and ignored.
 
+The predecessor's knobs that cubefit_mpi does not implement (:data:`PREDECESSOR_KNOBS`: its
+process pool, its random starts and probe tiles, its Jacobi seed, ...) are accepted so that its
+jobscripts keep working; :func:`predecessor_knobs` lists those set, each with what replaces it,
+and the command line logs one warning for each (rank 0, once per run).
+
 Local (no MPI).  Importing this module reads nothing; call :func:`get_knobs`.
 """
 from __future__ import annotations
@@ -27,6 +32,64 @@ from .errors import KnobError
 JOBSCRIPT_VARIABLES = frozenset({"CUBEFIT_FILE", "CUBEFIT_MOCK", "CUBEFIT_NORM", "CUBEFIT_METHOD", "CUBEFIT_OUT",
                                  "CUBEFIT_STEPS", "CUBEFIT_THREADS", "CUBEFIT_RANKS", "CUBEFIT_REPEATS"})
 _JOBSCRIPT_ARGS = re.compile(r"CUBEFIT_[A-Z]+_ARGS$")
+
+_WARM = "`solve --method kaczmarz --warm-start jacobi` (or `exact`, `resume`)"
+_BACKTRACK = "CUBEFIT_TILE_BT_STEPS / CUBEFIT_TILE_BT_FACTOR (backtracking of the aggregated step)"
+_DETERMINISTIC = "cubefit_mpi has no random start or tile sampling: every run takes the same path"
+# Every CUBEFIT_* name the predecessor (adriano-poci/CubeFit at 5cd148c) reads that cubefit_mpi
+# does not implement, with what replaces it.  Accepted with one warning each; the value is unused.
+PREDECESSOR_KNOBS: dict[str, str] = {
+    # the multiprocessing pool: MPI ranks replace it
+    "CUBEFIT_POOL_PING_TIMEOUT": "moot under MPI: no worker pool to ping (ranks replace it)",
+    "CUBEFIT_POOL_RENEW_EVERY_EPOCH": "moot under MPI: no worker pool to renew (ranks replace it)",
+    "CUBEFIT_WORKER_MAXTASKS": "moot under MPI: no pool workers to recycle (ranks replace them)",
+    # random starts, symmetry breaking and tile sampling
+    "CUBEFIT_SEED": _DETERMINISTIC + "; the starting point is " + _WARM,
+    "CUBEFIT_SYMBREAK_EPS": "no symmetry breaking is needed: " + _WARM + " or the exact solver",
+    "CUBEFIT_SYMBREAK_MODE": "no symmetry breaking is needed: " + _WARM + " or the exact solver",
+    "CUBEFIT_POLISH_SEED": _DETERMINISTIC + " (every tile is visited in each epoch)",
+    "CUBEFIT_GLOBAL_TILE_SEED": _DETERMINISTIC + " (every tile is visited in each epoch)",
+    # probe tiles of the predecessor's step acceptance
+    "CUBEFIT_PROBE_TILES": "no probe tiles: steps are accepted by " + _BACKTRACK,
+    "CUBEFIT_PROBE_SEED": "no probe tiles: " + _DETERMINISTIC,
+    "CUBEFIT_PROBE_GROWTH_MAX": "no probe tiles: steps are accepted by " + _BACKTRACK,
+    "CUBEFIT_PROBE_BT_MAX": "replaced by CUBEFIT_TILE_BT_STEPS",
+    "CUBEFIT_PROBE_BT_SHRINK": "replaced by CUBEFIT_TILE_BT_FACTOR",
+    "CUBEFIT_PROBE_SIGN_FLIP": "no probe tiles: steps are accepted by " + _BACKTRACK,
+    "CUBEFIT_PROBE_IMPROVE_TOL": "no probe tiles: steps are accepted by " + _BACKTRACK,
+    # the Jacobi / NNLS seed
+    "CUBEFIT_JACOBI_DIAG": "the Jacobi start has no diagnostics switch: " + _WARM,
+    "CUBEFIT_JACOBI_MU_ITERS": "the Jacobi start has no MU fallback: " + _WARM,
+    "CUBEFIT_JACOBI_NNLS_K": "the Jacobi start has no NNLS polish: " + _WARM + " (exact: the full NNLS)",
+    "CUBEFIT_JACOBI_NNLS_PER_C": "the Jacobi start has no NNLS polish: " + _WARM + " (exact: the full NNLS)",
+    "CUBEFIT_SEED_REL_FLOOR": "the Jacobi start has no floors: " + _WARM,
+    "CUBEFIT_SEED_ABS_FLOOR": "the Jacobi start has no floors: " + _WARM,
+    "CUBEFIT_SEED_SIMPLEX": "the Jacobi start has no simplex projection: " + _WARM,
+    "CUBEFIT_SEED_PATH": "no seed dataset is read: " + _WARM + ", or warm_start=array in "
+                         "cubefit_mpi.solvers.kaczmarz.solve_kaczmarz",
+    "CUBEFIT_USE_NNLS_PRIOR": "no seed prior: `solve --ridge` (CUBEFIT_NNLS_L2) is the only L2 term",
+    # regularisation and orbit weights
+    "CUBEFIT_KACZ_L2": "replaced by `solve --ridge` (CUBEFIT_NNLS_L2), the same for both methods",
+    "CUBEFIT_ORBIT_BETA": "replaced by `solve --orbit-weights ... --orbit-strength`",
+    "CUBEFIT_ORBIT_WEIGHTS_DSET": "replaced by `solve --orbit-weights /DATASET`",
+    "CUBEFIT_MIN_ACTIVE_ORBITS": "no orbit pruning: every component stays in the fit (the exact NNLS "
+                                 "decides which weights are zero)",
+    # step control and guards of the predecessor's iterations
+    "CUBEFIT_DENOM_FLOOR_FRAC": "replaced by CUBEFIT_EPS and CUBEFIT_ZERO_COL_ABS (denominator floors)",
+    "CUBEFIT_GLOBAL_STEP_FRAC": "replaced by `solve --lr` and CUBEFIT_GLOBAL_TAU",
+    "CUBEFIT_NNLS_RATIO_WORSEN": "replaced by CUBEFIT_NNLS_MIN_IMPROVE (polish acceptance)",
+    "CUBEFIT_ZERO_COL_FREEZE": "the freeze follows CUBEFIT_ZERO_COL_REL / CUBEFIT_ZERO_COL_ABS "
+                               "(set both to 0 to turn it off)",
+    "CUBEFIT_RMSE_ABORT": "no RMSE abort cap: the exact solver needs none; `watch FILE` follows a Kaczmarz run",
+    "CUBEFIT_RMSE_GUARD_TOL": "no RMSE guard: the tracker records every epoch (`watch FILE`)",
+    "CUBEFIT_RMSE_PROXY_GUARD": "no RMSE proxy guard: the tracker records every epoch (`watch FILE`)",
+    "CUBEFIT_RMSE_WEIGHTED": "the RMSE is always lambda-weighted when weights are used "
+                             "(CUBEFIT_LAMBDA_WEIGHTS_ENABLE)",
+    # diagnostics and snapshots
+    "CUBEFIT_CP_FLUX_ENABLE": "replaced by `build --norm data` / `convert-norm` (the column flux scaling)",
+    "CUBEFIT_SHIFT_DIAG": "replaced by `velocity-bias FILE` (the global velocity offset)",
+    "CUBEFIT_X_SNAPSHOT_SEC": "the fit tracker snapshots x after every epoch (sidecar /snapshots); no interval",
+}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -70,6 +133,10 @@ class Knobs:
                             "Kaczmarz reads the next tile in a background thread (auto: when the node has a "
                             "core more than its ranks)", choices=("auto", "1", "0"))
     fft_threads: int = _knob("CUBEFIT_FFT_THREADS", 1, "FFTW threads per rank in the builder", minimum=1)
+    build_method: str = _knob("CUBEFIT_BUILD_METHOD", "auto",
+                              "how build fills tiles: gemm (one GEMM of the two factors per unit), fft (FFT "
+                              "convolution per (s, c) + sparse rebin), auto (gemm when the factors are exact)",
+                              choices=("auto", "gemm", "fft"))
     build_checkpoint_sec: float = _knob("CUBEFIT_BUILD_CHECKPOINT_SEC", 10.0,
                                         "seconds between build checkpoints (file sync, then done bits)",
                                         minimum=0.0)
@@ -132,10 +199,10 @@ class Knobs:
         environ = os.environ if environ is None else environ
         known = {f.metadata["env"]: f for f in dataclasses.fields(cls)}
         for name in environ:
-            if name in JOBSCRIPT_VARIABLES or _JOBSCRIPT_ARGS.match(name):
+            if name in JOBSCRIPT_VARIABLES or _JOBSCRIPT_ARGS.match(name) or name in PREDECESSOR_KNOBS:
                 continue
             if name.startswith("CUBEFIT_") and name not in known:
-                close = difflib.get_close_matches(name, list(known), n=1)
+                close = difflib.get_close_matches(name, [*known, *PREDECESSOR_KNOBS, *JOBSCRIPT_VARIABLES], n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 raise KnobError(f"{name}: unknown cubefit_mpi environment variable{hint}")
         values = {}
@@ -190,6 +257,29 @@ def _parse(env: str, raw: str, f: dataclasses.Field) -> Any:
     if env == "CUBEFIT_LAMBDA_WEIGHTS_DSET" and not value.startswith("/"):
         raise KnobError(f"{env}={raw!r}: expected an absolute HDF5 path such as /HyperCube/lambda_weights")
     return value
+
+
+def predecessor_knobs(environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """``(NAME, what replaces it)`` of every predecessor-only knob set in ``environ``, sorted.  Local."""
+    environ = os.environ if environ is None else environ
+    return [(name, PREDECESSOR_KNOBS[name]) for name in sorted(environ) if name in PREDECESSOR_KNOBS]
+
+
+_WARNED: set[str] = set()
+
+
+def warn_predecessor_knobs(logger, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Log one warning per predecessor-only knob set, once per process.  Local.
+
+    Call it on rank 0 only.  Returns the names warned about by this call.
+    """
+    fresh = []
+    for name, note in predecessor_knobs(environ):
+        if name not in _WARNED:
+            _WARNED.add(name)
+            fresh.append(name)
+            logger.warning("%s: a knob of the predecessor, ignored by cubefit_mpi: %s", name, note)
+    return fresh
 
 
 _CACHE: dict[tuple, Knobs] = {}

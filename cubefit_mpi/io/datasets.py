@@ -214,3 +214,16 @@ def replace_dataset(f, name: str, shape, dtype, **create_kwargs):
     if name not in f:
         f.create_dataset(name, shape=shape, dtype=dtype, **create_kwargs)
     return f[name]
+
+
+def allocated_now():
+    """A dataset-creation property list that allocates all of a dataset's space when it is created
+    or extended (``dcpl=`` of ``create_dataset``).  Parallel HDF5 needs it for datasets written
+    collectively that were created by a serial run, and it lets a large result never be
+    written with fill values (``fill_time="never"``).  Local."""
+    from .h5file import h5py_module
+
+    h5py = h5py_module()
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return dcpl

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config.errors import InputError
+from ..numerics.convolve import needed_template_range
 from ..numerics.digest import array_digest, rows_digest
 from ..numerics.kernels import AMP_MODES, interpolation_matrix, losvd_amplitude, unit_kernels
 from ..numerics.normalization import NORM_MODES, masked_mean_flux, spaxel_scale
@@ -62,7 +63,8 @@ class ModelInputs:
     """Everything every rank needs to make models: small arrays plus all amplitudes and scales.
 
     Built collectively by :meth:`read`.  Attributes: ``dims`` (H5Dims), ``mask`` (L,) bool or
-    None, ``templates`` (P, T) float64, ``rebin_lt`` sparse (L, T), ``rebin_mode``, ``vel_pix``
+    None, ``templates`` (P, T') float64 and ``rebin_lt`` sparse (L, T') cropped to the ``T'``
+    template pixels the models need (``template_range``, ``crop_note``), ``rebin_mode``, ``vel_pix``
     (V,), ``interp`` and ``shifts`` (the kernel-tap interpolation, K taps), ``amp`` (S, C)
     LOSVD amplitudes, ``data_flux`` (S,) or None, ``flux_computed`` (data flux made from
     ``/DataCube`` here), ``scale`` (S, C), ``norm_mode``, ``amp_mode``, ``fingerprint``.
@@ -86,6 +88,7 @@ class ModelInputs:
         self.amp = amp
         self.fingerprint = models_fingerprint(self.templates, rebin_dense, info["tem_pix"], info["obs_pix"],
                                               self.vel_pix, digest)
+        self._crop(np.exp(info["tem_pix"]))
         self.data_flux, self.flux_computed = None, False
         if norm_mode == "data":
             if lay.DATA_FLUX in f:
@@ -100,6 +103,22 @@ class ModelInputs:
                                  f"non-positive or non-finite masked mean flux; norm='data' needs flux > 0")
         self.scale = spaxel_scale(self.amp, norm_mode, self.data_flux)
         return self
+
+    def _crop(self, lam: np.ndarray) -> None:
+        """Keep only the template pixels the observed grid and the velocity guard need
+        (:func:`~cubefit_mpi.numerics.convolve.needed_template_range`): the models are the same, the
+        convolution and the template basis are cheaper.  ``template_range`` and ``crop_note`` say
+        what was kept.  Local."""
+        T = self.templates.shape[1]
+        self.template_range = needed_template_range(self.rebin_lt, self.shifts, T)
+        lo, hi = self.template_range
+        self.crop_note = None
+        if (lo, hi) != (0, T):
+            self.templates = np.ascontiguousarray(self.templates[:, lo:hi])
+            self.rebin_lt = self.rebin_lt[:, lo:hi].tocsr()
+            self.crop_note = (f"templates cropped to pixels {lo}:{hi} of {T} ({lam[lo]:.2f}-{lam[hi - 1]:.2f} A of "
+                              f"{lam[0]:.2f}-{lam[-1]:.2f} A): all the observed grid and the "
+                              f"{float(np.max(np.abs(self.vel_pix))):g} km/s velocity guard need")
 
     def _read_losvd(self, f, amp_mode: str, *, need_flux: bool, comm):
         """Amplitudes (S, C), data flux (S,) or None and the LOSVD digest, by rank slabs.  Collective."""

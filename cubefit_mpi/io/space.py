@@ -129,6 +129,8 @@ def reserved_flush(f, what: str, comm, start: int | None = None, datasets=()) ->
         size = file_size(f.filename)
         first = size if start is None else min(int(start), size)
         end, exact = allocated_end(f, datasets)
+        if not exact:                             # chunked datasets have no offset: count their storage
+            end = max(end, first + sum(int(d.id.get_storage_size()) for d in datasets))
         stop = max(end, size) + (EXACT_SLACK if exact else METADATA_SLACK)
         if exact and start is None and end <= size:
             stop = first                              # nothing new: the flush rewrites what is on disk

@@ -174,6 +174,20 @@ def _snapshot_candidates(f, n_params):
     return good
 
 
+def read_snapshot(sidecar, n_params: int | None = None):
+    """The most recent consistent ``x`` snapshot of one sidecar (highest sequence number).  Local.
+
+    Returns ``(x (N,) float64, epoch)`` or None when it holds none (snapshots whose CRC-32 does
+    not match, or of another length than ``n_params``, are skipped).
+    """
+    with open_sidecar(sidecar, retries=2) as f:
+        candidates = _snapshot_candidates(f, n_params)
+    if not candidates:
+        return None
+    epoch, _, x = max(candidates, key=lambda c: c[1])
+    return x, epoch
+
+
 def latest_snapshot(main_path, n_params: int | None = None):
     """The newest consistent ``x`` snapshot over all sidecars of ``main_path``.  Local.
 

@@ -79,8 +79,7 @@ class FFTConvolver:
         # the kernel array starts at min(shift, 0) and ends at max(shift, 0): crop offset >= 0
         self.lead = int(max(0, -shifts[0]))
         self.tap_offset = int(shifts[0] + self.lead)          # where tap 0 sits in the kernel array
-        span = int(max(shifts[-1], 0) + self.lead + 1)
-        self.nfft = int(pyfftw.next_fast_len(self.n_pix + span - 1))
+        self.nfft = self.fft_length(self.n_pix, shifts)
         n_freq = self.nfft // 2 + 1
         flags = ("FFTW_ESTIMATE",)
         padded = pyfftw.empty_aligned((self.n_spec, self.nfft), dtype="float64")
@@ -95,6 +94,15 @@ class FFTConvolver:
         self._out = pyfftw.empty_aligned((self.n_spec, self.nfft), dtype="float64")
         self._inverse = pyfftw.FFTW(self._product, self._out, axes=(-1,), direction="FFTW_BACKWARD",
                                     flags=flags + ("FFTW_DESTROY_INPUT",), threads=threads)
+
+    @staticmethod
+    def fft_length(n_pix: int, shifts: np.ndarray) -> int:
+        """FFT length for spectra of ``n_pix`` pixels and kernels with these ``shifts``.  Local."""
+        import pyfftw
+
+        shifts = np.asarray(shifts, dtype=int)
+        span = int(max(shifts[-1], 0) + max(0, -shifts[0]) + 1)
+        return int(pyfftw.next_fast_len(int(n_pix) + span - 1))
 
     def convolve(self, kernel: np.ndarray) -> np.ndarray:
         """``out[p, i] = Σ_k kernel[k] spectra[p, i − shift_k]`` for all p.  Local.
@@ -114,3 +122,33 @@ class FFTConvolver:
         np.multiply(self.spec_fft, self._kernel_fft[None, :], out=self._product)
         self._inverse.execute()
         return self._out[:, self.lead:self.lead + self.n_pix]
+
+
+def needed_template_range(rebin_lt, shifts: np.ndarray, n_pix: int) -> tuple[int, int]:
+    """Template pixels ``[lo, hi)`` the rebinned convolution reads.  Local.
+
+    The observed grid uses the template pixels ``[t0, t1]`` where the rebin operator
+    ``rebin_lt (L, T)`` has a non-zero weight; the convolution value at pixel i reads the
+    template at ``i − shift_k`` for every tap, so ``[t0 − max(shift), t1 − min(shift)]`` (clipped to
+    the grid) is all that is read.  Convolving the templates cropped to that range gives the same
+    values at ``[t0, t1]`` (zero outside the template range either way).
+
+    Parameters
+    ----------
+    rebin_lt : (L, T) scipy.sparse matrix, ``observed = rebin_lt @ template_grid``
+    shifts : (K,) int, ascending kernel shifts
+    n_pix : int, T
+
+    Returns
+    -------
+    (lo, hi) : int, ``0 <= lo < hi <= T``
+    """
+    import scipy.sparse as sp
+
+    used = np.flatnonzero(np.asarray(abs(sp.csc_matrix(rebin_lt)).sum(axis=0)).ravel() > 0)
+    if used.size == 0:
+        return 0, int(n_pix)
+    shifts = np.asarray(shifts, dtype=int)
+    lo = max(0, int(used[0]) - int(max(shifts[-1], 0)))
+    hi = min(int(n_pix), int(used[-1]) - int(min(shifts[0], 0)) + 1)
+    return lo, hi

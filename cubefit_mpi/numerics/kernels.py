@@ -21,6 +21,7 @@ import numpy as np
 from .constants import SPEED_OF_LIGHT_KMS
 
 AMP_MODES = ("sum", "trapz")
+DEFAULT_AMP = "sum"
 
 
 def velocity_to_shift(velocity, dlnlam: float) -> np.ndarray:

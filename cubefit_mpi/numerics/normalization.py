@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 NORM_MODES = ("model", "data")
+DEFAULT_NORM = "model"
 
 
 def spaxel_scale(amp: np.ndarray, norm_mode: str, data_flux: np.ndarray | None) -> np.ndarray:

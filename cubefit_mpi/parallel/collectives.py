@@ -145,3 +145,37 @@ def check_all_ranks(fn, *args, comm=None, **kwargs):
         error = exc
     raise_if_any(error, comm)
     return result
+
+
+def upper_row_blocks(n: int) -> list[tuple[int, int]]:
+    """Row blocks ``[(i0, i1), ...]`` of an ``n × n`` upper triangle, each message of
+    ``(i1 - i0) × (n - i0)`` elements at most about ``MAX_MSG_ELEMENTS``.  Local."""
+    rows = max(1, MAX_MSG_ELEMENTS // max(int(n), 1))
+    return [(i0, min(int(n), i0 + rows)) for i0 in range(0, int(n), rows)]
+
+
+def reduce_upper_to_root(matrix: np.ndarray, comm=None) -> np.ndarray | None:
+    """Sum the upper triangles of every rank's symmetric ``matrix (n, n)`` on rank 0, symmetrised
+    (None elsewhere), in row blocks (:func:`upper_row_blocks`).  Collective over comm."""
+    comm = get_comm(comm)
+    n = matrix.shape[0]
+    out = np.zeros((n, n)) if comm.Get_rank() == 0 else None
+    blocks = upper_row_blocks(n)
+    for i0, i1 in blocks:
+        part = reduce_sum(np.ascontiguousarray(matrix[i0:i1, i0:]), comm)
+        if out is not None:
+            out[i0:i1, i0:] = part
+    if out is not None:
+        symmetrise_from_upper(out, blocks)
+    return out
+
+
+def symmetrise_from_upper(matrix: np.ndarray, blocks: list[tuple[int, int]] | None = None) -> None:
+    """Copy the upper triangle of the square ``matrix`` onto its lower one, in place, a row
+    block at a time (no full-size temporary).  Local."""
+    n = matrix.shape[0]
+    for i0, i1 in blocks or upper_row_blocks(n):
+        diag = matrix[i0:i1, i0:i1]
+        upper = np.triu(diag)
+        matrix[i0:i1, i0:i1] = upper + np.triu(upper, 1).T
+        matrix[i0:i1, :i0] = matrix[:i0, i0:i1].T

@@ -98,9 +98,8 @@ def probe(scratch: str, comm, *, write_block_bytes: int = 2**22, read_block_byte
     (``write_bw``, ``read_bw`` bytes/s, all ranks together).  ``latency``/``bandwidth``: a
     line fitted to median Reduce times of 8 B .. 8 MiB (none with one rank).
     """
-    import h5py
-
     from ..io.blocks import read_block, write_block
+    from ..io.datasets import allocated_now
     from ..io.h5file import open_h5
 
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -112,10 +111,8 @@ def probe(scratch: str, comm, *, write_block_bytes: int = 2**22, read_block_byte
     rows = rounds + 1                                       # the first round of each size is a warm-up
 
     def dataset(f, name, nbytes):
-        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
         return f.create_dataset(name, shape=(rows * size, nbytes // 4), dtype="f4", chunks=(1, nbytes // 4),
-                                dcpl=dcpl, fill_time="never")
+                                dcpl=allocated_now(), fill_time="never")
 
     with open_h5(path, "w", comm) as f:
         for nbytes in sizes["write"]:

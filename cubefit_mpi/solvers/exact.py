@@ -43,16 +43,21 @@ COMPONENT_TOTALS = "/Solve/component_totals"
 CHI2_RTOL = 1e-9
 
 
-def gram_budget_bytes(comm) -> int:
-    """Bytes one rank may spend on an N×N Gram matrix.  Collective over comm.
+def gram_budget(ranks_on_node: int, node_memory: int | None = None) -> int:
+    """Bytes one of ``ranks_on_node`` ranks may spend on an N×N Gram matrix.  Local.
 
-    ``CUBEFIT_GRAM_MAX_BYTES`` when set; else 40 % of the node's memory divided by the ranks on
-    the node (every rank holds a partial G while accumulating).
+    ``CUBEFIT_GRAM_MAX_BYTES`` when set; else :func:`~.limits.gram_budget_for` of ``node_memory``
+    (default: this node's).
     """
     given = get_knobs().gram_max_bytes
     if given > 0:
         return given
-    return gram_budget_for(node_memory_bytes(), ranks_on_node(comm))
+    return gram_budget_for(node_memory_bytes() if node_memory is None else int(node_memory), ranks_on_node)
+
+
+def gram_budget_bytes(comm) -> int:
+    """:func:`gram_budget` for the ranks of ``comm`` on this rank's node.  Collective over comm."""
+    return gram_budget(ranks_on_node(comm))
 
 
 def parse_orbit_weights(spec, n_comp: int, path: str | None = None) -> np.ndarray | None:
@@ -126,7 +131,8 @@ def gram_system(inputs: SolveInputs, *, use_cache: bool = True, comm=None) -> di
 @keyword_checked
 def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, regul_order: int = 2,
                 orbit_weights=None, orbit_strength: float | None = None, use_cache: bool = True, verify: bool = True,
-                use_weights: bool = True, tol: float = 1e-10, exact_method: str = "auto", comm=None
+                use_weights: bool = True, tol: float = 1e-10, exact_method: str = "auto", comm=None,
+                operator: str = "auto", norm_mode: str | None = None, amp_mode: str | None = None
                 ) -> tuple[np.ndarray, dict]:
     """Solve for ``/X_global`` exactly.  Collective over comm.
 
@@ -141,6 +147,9 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
     use_cache : bool  reuse a current ``/Solve`` Gram matrix
     verify : bool  recompute χ² by a separate residual pass (one more read of the hypercube)
     exact_method : {"auto", "gram", "working-set"}
+    operator : {"auto", "factored", "hypercube"}  where A comes from: its two factors (no
+        hypercube needed) or ``/HyperCube/models`` (:mod:`cubefit_mpi.operators.select`)
+    norm_mode, amp_mode : the normalisation of factored models of a file without a hypercube
 
     Returns
     -------
@@ -150,10 +159,11 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
     comm = get_comm(comm)
     t0 = time.perf_counter()
     ridge, regul, orbit_strength = _check_terms(ridge, regul, regul_order, orbit_weights, orbit_strength)
-    inputs = load_solve_inputs(path, use_weights=use_weights, comm=comm)
+    inputs = load_solve_inputs(path, use_weights=use_weights, operator=operator, norm_mode=norm_mode,
+                               amp_mode=amp_mode, comm=comm)
     targets = parse_orbit_weights(orbit_weights, inputs.C, path)
     reg = Regularization.build(inputs.C, inputs.P, ridge=ridge, regul=regul, regul_order=regul_order,
-                               pop_shape=_pop_shape(path, inputs.P, comm), orbit_targets=targets,
+                               pop_shape=population_shape(path, inputs.P, comm), orbit_targets=targets,
                                orbit_strength=orbit_strength)
     if inputs.weights is not None and comm.Get_rank() == 0:
         from ..numerics.lambda_weights import weights_banner
@@ -164,8 +174,10 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
     _LOG.info("exact solve of N=%d (C=%d, P=%d) by the %s method on %d rank(s)", inputs.n_params, inputs.C,
               inputs.P, method, comm.Get_size())
     x, stats = _solve(method, inputs, reg, budget=budget, tol=tol, use_cache=use_cache, comm=comm)
-    stats.update(method=f"exact-{method}", n_params=inputs.n_params, n_ranks=comm.Get_size(), ridge=ridge,
-                 regul=regul, regul_order=regul_order, orbit_strength=orbit_strength)
+    stats.update(method=f"exact-{method}", operator=inputs.operator.kind, n_params=inputs.n_params,
+                 n_ranks=comm.Get_size(), ridge=ridge, regul=regul, regul_order=regul_order,
+                 orbit_strength=orbit_strength, use_weights=bool(use_weights),
+                 norm_mode=inputs.operator.norm_mode, amp_mode=inputs.operator.amp_mode)
     if verify:
         _verify(inputs, x, stats, comm)
     else:
@@ -258,7 +270,8 @@ def discard_cache(path: str, comm) -> None:
                 del f[name]
 
 
-def _pop_shape(path: str, n_pop: int, comm):
+def population_shape(path: str, n_pop: int, comm) -> tuple:
+    """The population grid ``pop_shape`` of ``/Templates`` when it fits ``n_pop``, else ``(n_pop,)``.  Collective."""
     with open_h5(path, "r", comm) as f:
         if lay.TEMPLATES in f and "pop_shape" in f[lay.TEMPLATES].attrs:
             shape = tuple(int(v) for v in f[lay.TEMPLATES].attrs["pop_shape"])

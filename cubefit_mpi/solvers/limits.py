@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from ..parallel.collectives import MAX_MSG_ELEMENTS
+from ..parallel.collectives import upper_row_blocks
 
 GRAM_BUDGET_FRACTION = 0.4       # of the node's memory, shared by the ranks on the node
 
@@ -31,8 +31,5 @@ def working_set_block(n_params: int) -> int:
 
 
 def gram_reduce_row_blocks(n_params: int) -> list[tuple[int, int]]:
-    """Row blocks ``[(i0, i1), ...]`` of the upper triangle reduced to rank 0, each message of
-    ``(i1 - i0) × (N - i0)`` elements at most ``MAX_MSG_ELEMENTS``-ish.  Local."""
-    n = int(n_params)
-    rows = max(1, MAX_MSG_ELEMENTS // max(n, 1))
-    return [(i0, min(n, i0 + rows)) for i0 in range(0, n, rows)]
+    """Row blocks ``[(i0, i1), ...]`` in which the upper triangle of G is reduced to rank 0.  Local."""
+    return upper_row_blocks(n_params)

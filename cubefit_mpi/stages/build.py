@@ -25,7 +25,7 @@ from ..config.knobs import get_knobs
 from ..config.options import keyword_checked
 from ..io import layout as lay
 from ..io.blocks import read_block, write_block
-from ..io.datasets import default_chunks, parse_compression, replace_dataset
+from ..io.datasets import allocated_now, default_chunks, parse_compression, replace_dataset
 from ..io.h5file import open_h5, open_uncached
 from ..io.hypercube_state import CONVERTING_ATTR, RECOMPRESS_OLD, RECOMPRESS_TMP, mark_models_changed
 from ..io.manager import H5Manager
@@ -33,7 +33,10 @@ from ..io.model_inputs import ModelInputs, check_modes
 from ..io.validation import validate_inputs
 from ..numerics.column_energy import pixel_weights, tile_energy
 from ..numerics.convolve import FFTConvolver
-from ..numerics.kernels import unit_kernels
+from ..numerics.factored import factors_are_exact, kernel_weights, lit_model_tile, template_basis
+
+from ..numerics.kernels import DEFAULT_AMP, unit_kernels
+from ..numerics.normalization import DEFAULT_NORM
 from ..parallel.collectives import agree, allreduce_sum
 from ..parallel.comm import get_comm
 from ..parallel.decomposition import block_range, padded_schedule, tile_bounds
@@ -43,6 +46,39 @@ from ..parallel.timers import PhaseTimer
 
 _LOG = logging.getLogger("cubefit_mpi.build")
 
+
+
+def build_method(inp: ModelInputs, resuming: str | None = None) -> str:
+    """``gemm`` or ``fft`` for these inputs (``CUBEFIT_BUILD_METHOD``; ``auto``: gemm when the
+    factors are exact, or the method of the build being resumed, so its bytes stay one method's).  Local.
+
+    The GEMM fills a unit with one product of the kernel weights and the template basis
+    (:func:`~cubefit_mpi.numerics.factored.model_tile`); measured faster than the FFTs here
+    (``benchmarks/build.py``).  It is not used where the builder's ``max(0, ·)`` could act
+    (negative templates or ``/R_T`` weights): there only the FFT path is the spec's hypercube.
+    """
+    method = get_knobs().build_method
+    exact = factors_are_exact(inp.templates, inp.rebin_lt) is None
+    if method == "gemm" and not exact:
+        raise InputError(f"CUBEFIT_BUILD_METHOD=gemm: {factors_are_exact(inp.templates, inp.rebin_lt)}; use fft or auto")
+    if method == "auto" and resuming is not None:
+        return resuming
+    return "gemm" if method == "gemm" or (method == "auto" and exact) else "fft"
+
+
+def _unit_filler(inp: ModelInputs, method: str, knobs):
+    """``fill(kernels (n, C, K), s0, s1, c0, c1) -> (n, c1-c0, P, L) float32``.  Local."""
+    if method == "gemm":
+        basis = template_basis(inp.templates, inp.shifts, inp.rebin_lt)
+
+        def fill(kernels, s0, s1, c0, c1):            # (s, c) without light: zeros, no product
+            return lit_model_tile(kernel_weights(kernels[:, c0:c1], inp.scale[s0:s1, c0:c1]), basis)
+    else:
+        conv = FFTConvolver(inp.templates, inp.shifts, threads=knobs.fft_threads)
+
+        def fill(kernels, s0, s1, c0, c1):
+            return compute_unit(conv, inp, kernels, s0, s1, c0, c1)
+    return fill
 
 
 def compute_unit(conv: FFTConvolver, inp: ModelInputs, kernels: np.ndarray, s0: int, s1: int,
@@ -68,7 +104,7 @@ def compute_unit(conv: FFTConvolver, inp: ModelInputs, kernels: np.ndarray, s0: 
 
 
 @keyword_checked
-def build_hypercube(path: str, norm_mode: str = "model", amp_mode: str = "sum", S_chunk: int | None = None,
+def build_hypercube(path: str, norm_mode: str = DEFAULT_NORM, amp_mode: str = DEFAULT_AMP, S_chunk: int | None = None,
                     C_chunk: int | None = None, P_chunk: int | None = None, compression: str | None = None,
                     comm=None, *, force: bool = False, rebin_mode: str = "overlap") -> dict:
     """Build (or finish) ``/HyperCube/models``.  Collective over comm.
@@ -111,10 +147,13 @@ def build_hypercube(path: str, norm_mode: str = "model", amp_mode: str = "sum", 
     with open_h5(path, "r", comm) as f:
         inp = ModelInputs.read(f, norm_mode, amp_mode, comm)
         plan = _plan(f, inp, (S_chunk, C_chunk, P_chunk), compression, force, comm)
+    if inp.crop_note and comm.Get_rank() == 0:
+        _LOG.info(inp.crop_note)
     with open_h5(path, "r+", comm) as f:
         if not plan.resume:
             _create_datasets(f, inp.dims, plan)
         _write_norm_datasets(f, inp, comm)
+        f[lay.HYPERCUBE].attrs["templates.range"] = np.asarray(inp.template_range + (inp.dims.T,), dtype=np.int64)
     # closed once: an uncompressed hypercube is now allocated in full, so writing tiles changes
     # no HDF5 metadata and a crash or a full disk mid-build cannot corrupt the file
     timer = PhaseTimer()
@@ -165,6 +204,7 @@ def _plan(f, inp: ModelInputs, chunks_given, compression, force: bool, comm) -> 
     d = inp.dims
     chunks = _resolve_chunks(d, S_chunk, C_chunk, P_chunk)
     params = {"norm.mode": inp.norm_mode, "amp.mode": inp.amp_mode, "rebin.mode": inp.rebin_mode,
+              "build.method": build_method(inp, existing["build.method"] if existing is not None else None),
               "chunks": list(chunks), "compression": f"{filt}:{filt_opt}" if filt else "none",
               "inputs.fingerprint": inp.fingerprint}
     if existing is not None:
@@ -188,7 +228,7 @@ def _fill_units(f, inp: ModelInputs, plan: _Plan, pending: list, done: np.ndarra
     lo, hi = block_range(len(pending), comm.Get_size(), comm.Get_rank())
     mine = pending[lo:hi]
     knobs = get_knobs()
-    conv = FFTConvolver(inp.templates, inp.shifts, threads=knobs.fft_threads) if mine else None
+    fill = _unit_filler(inp, plan.params["build.method"], knobs) if mine else None
     energy = np.zeros((d.C, d.P))
     used = pixel_weights(d.L, inp.mask)
     progress = Progress(len(pending), "build", comm)
@@ -203,7 +243,7 @@ def _fill_units(f, inp: ModelInputs, plan: _Plan, pending: list, done: np.ndarra
                 losvd = np.asarray(f[lay.LOSVD][s0:s1], dtype=np.float64)
             with timer.phase("compute"):
                 kernels, _ = unit_kernels(losvd, inp.interp)                 # (s, C, K)
-                tile = compute_unit(conv, inp, kernels, s0, s1, c0, c1)
+                tile = fill(kernels, s0, s1, c0, c1)
                 energy[c0:c1] += tile_energy(tile, used)
             checkpoint.unsynced.append(unit)
         with timer.phase("comm"):
@@ -308,6 +348,7 @@ def _existing_build(f) -> dict | None:
     a = f[lay.HYPERCUBE].attrs
     out = {k: (list(int(v) for v in a[k]) if k == "chunks" else str(a[k])) if k in a else None
            for k in ("norm.mode", "amp.mode", "rebin.mode", "chunks", "compression", "inputs.fingerprint")}
+    out["build.method"] = str(a.get("build.method", "fft"))        # builds before the GEMM path used FFTs
     out["converting"] = str(a.get(CONVERTING_ATTR, "")) or None
     return out
 
@@ -322,11 +363,8 @@ def _create_datasets(f, d, plan: _Plan) -> None:
         if CONVERTING_ATTR in f[lay.HYPERCUBE].attrs:
             del f[lay.HYPERCUBE].attrs[CONVERTING_ATTR]
     group = f.require_group(lay.HYPERCUBE)
-    import h5py
-
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    if filt is None:                     # allocate everything now; never write fill values (1 TB of zeros)
-        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    # uncompressed: allocate everything now; never write fill values (1 TB of zeros)
+    dcpl = allocated_now() if filt is None else None
     f.create_dataset(lay.MODELS, shape=(d.S, d.C, d.P, d.L), dtype="f4", chunks=chunks + (d.L,),
                      compression=filt, compression_opts=filt_opt, dcpl=dcpl, fill_time="never")
     f.create_dataset(lay.DONE, shape=grid, dtype="u1", fillvalue=0)

@@ -28,7 +28,7 @@ import numpy as np
 from ..config.errors import InputError
 from ..io import layout as lay
 from ..io.blocks import read_block, write_block
-from ..io.datasets import replace_dataset
+from ..io.datasets import allocated_now, replace_dataset
 from ..io.h5file import open_h5
 from ..io.space import dataset_bytes, file_size, require_free_space, reserved_flush
 from ..io.hypercube_state import CONVERTING_ATTR, ENERGY_STALE, mark_models_changed, require_usable_models
@@ -197,14 +197,10 @@ def _start(f, plan: _Conversion, comm, start: int) -> None:
 
 def _make_backup(f, plan: _Conversion, comm) -> None:
     """``_convert_backup`` with one slot per rank, contiguous and allocated now.  Collective."""
-    import h5py
-
     if BACKUP in f:
         del f[BACKUP]
     s_chunk = max(s1 - s0 for s0, s1 in plan.tiles)
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    f.create_dataset(BACKUP, shape=(comm.Get_size(), s_chunk) + plan.shape[1:], dtype="f4", dcpl=dcpl,
+    f.create_dataset(BACKUP, shape=(comm.Get_size(), s_chunk) + plan.shape[1:], dtype="f4", dcpl=allocated_now(),
                      fill_time="never")
 
 

@@ -240,6 +240,7 @@ def _templates_on_grid(opts: IngestOptions, obs_edges: np.ndarray, tem_edges: np
     out = op.apply(tem)
     if not np.all(np.isfinite(out)):
         raise InputError(f"--templates {opts.templates}: NaN/Inf inside the needed wavelength range")
+    pop = dict(pop, library_range=(float(have[0]), float(have[1])))
     return out, pop, resolution
 
 
@@ -321,6 +322,12 @@ def make_plan(opts: IngestOptions, comm) -> _Plan:
         provenance = [file_provenance(role, p) for role, p in
                       (("cube", opts.cube), ("bins", opts.bins), ("templates", opts.templates),
                        ("losvd", opts.losvd), *tables) if p]
+    if comm.Get_rank() == 0:          # the checks passed: say how much of the library is kept
+        lib, need = pop.pop("library_range"), np.exp(tem_edges[[0, -1]])
+        _LOG.info("templates: the library covers %.2f-%.2f A; only %.2f-%.2f A (the observed range plus the %g km/s "
+                  "velocity guard) is kept", lib[0], lib[1], need[0], need[1], vmax)
+    else:
+        pop.pop("library_range")
     return _Plan(info, obs_edges, cube_op, log_rebinned, tem_edges, templates, pop, vel, chunks, target,
                  n_targets, n_members, dropped, ranges, block, agree(provenance, comm), resolution)
 

@@ -14,6 +14,8 @@ as ``/Truth`` attributes; ``/Spaxels/xy (S, 2)``; ``/Populations/log_age`` and
 ``/Populations/metallicity (P,)``; ``/Templates`` attribute ``pop_shape``.  With a library also
 ``/Populations/norm (P,)`` (each template's mean before normalisation, library units) and
 ``/Templates`` attributes ``library``, ``library.fwhm``, ``library.citation``, ``normalisation``.
+A noisy mock (``snr``) also has the data variance ``/DataVar (S, L)`` (``noise_sigma²`` on every
+pixel), as an ingested cube with a STAT extension.
 """
 from __future__ import annotations
 
@@ -130,9 +132,14 @@ def _write_mock(path, spec, dims, tem_pix, obs_pix, vel_pix, model, library_attr
     with open_h5(path, "r+", comm) as f:
         losvd_dset, data_dset = f[lay.LOSVD], f[lay.DATACUBE]
         sigma_dset = f.create_dataset(f"{lay.TRUTH}/noise_sigma", shape=(spec.spaxels,), dtype="f8")
+        var_dset = None
+        if spec.snr is not None:
+            var_dset = f.create_dataset(lay.DATA_VAR, shape=(spec.spaxels, obs_pix.size), dtype="f8")
+            var_dset.attrs["definition"] = "variance of /DataCube: /Truth/noise_sigma**2 on every pixel (mock)"
+        dsets = (losvd_dset, data_dset, sigma_dset) + ((var_dset,) if var_dset is not None else ())
         for tile in padded_schedule(my_tiles, comm):
             if tile is None:
-                for dset in (losvd_dset, data_dset, sigma_dset):
+                for dset in dsets:
                     write_block(dset, None, None)
                 continue
             s0, s1 = tile
@@ -141,6 +148,8 @@ def _write_mock(path, spec, dims, tem_pix, obs_pix, vel_pix, model, library_attr
             write_block(losvd_dset, (s0, 0, 0), losvd)
             write_block(data_dset, (s0, 0), data)
             write_block(sigma_dset, (s0,), sigma)
+            if var_dset is not None:
+                write_block(var_dset, (s0, 0), np.repeat((sigma ** 2)[:, None], obs_pix.size, axis=1))
         truth = f.create_dataset(lay.TRUTH_X, shape=model.x_true.shape, dtype="f8")
         write_owned_rows(truth, model.x_true, comm)
         xy = f.create_dataset(lay.SPAXEL_XY, shape=(spec.spaxels, 2), dtype="f8")

@@ -16,6 +16,9 @@ Files written into ``out_dir`` (only those whose inputs exist):
     RMSE and its EWMA against step from the newest fit-tracker sidecar ``FILE.fit.<id>.<time>.h5``.
 ``rmse_map.png``
     the per-spaxel RMSE at ``/Spaxels/xy`` (needs both and a reconstruction).
+``uncertainty.png``
+    component totals, mean age and [M/H] with their bootstrap intervals, and per component the
+    weights' median and interval width (:mod:`.plots_uncertainty`; needs a current ``/Uncertainty``).
 
 Reads only the rows it draws (plus the small per-spaxel statistics).  Importing this module
 imports neither matplotlib nor pyplot; figures are drawn on ``FigureCanvasAgg`` without pyplot,
@@ -32,10 +35,13 @@ from ..config.errors import InputError
 from ..io import layout as lay
 from ..io.h5file import open_h5
 from ..io.space import require_writable_folder
-from ..io.hypercube_state import require_usable_models
+from ..operators.select import open_operator
 from ..numerics.reconstruction import residual_stats, x_checksum
 from ..parallel.collectives import agree, raise_if_any
 from ..parallel.comm import get_comm, mpi
+from ..solvers.uncertainty import bootstrap_is_current
+from .figures import new_figure, population_axes, population_grid, read_truth, save_png, set_ticks
+from .plots_uncertainty import UNCERTAINTY_PNG, has_uncertainty, plot_uncertainty
 from .recon import (
     CHI2_SUFFIX, RECON_DEFAULT, RMSE_SUFFIX, model_rows, normalise_name, read_mask_and_weights, read_x
 )
@@ -48,8 +54,6 @@ TOTALS_PNG = "component_totals.png"
 CONVERGENCE_PNG = "convergence.png"
 RMSE_MAP_PNG = "rmse_map.png"
 ORBIT_WEIGHTS = "/Solve/orbit_weights"
-POP_AXES = (("/Populations/log_age", "log age [yr]"), ("/Populations/metallicity", "[M/H]"))
-DPI = 100
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,21 +114,18 @@ def draw_all(path: str, out_dir: str, *, n_spaxels: int, recon: str, x_dataset: 
         n_comp, n_pop = _components_populations(f, path)
         x_cp = read_x(f, x_dataset, n_comp, n_pop)
         has_recon = recon in f and recon + CHI2_SUFFIX in f and recon + RMSE_SUFFIX in f
-        if not has_recon and lay.MODELS not in f:
-            raise InputError(f"{recon}: missing and so is {lay.MODELS}; run `cubefit_mpi build {path}`, "
-                             f"`solve` and `recon` first")
         if has_recon:
             _check_recon(f, recon, x_cp)
-        require_writable_folder(out_dir, "--out")
-        truth = _read_truth(f, n_comp, n_pop)
-        written = [plot_spectra(f, path, os.path.join(out_dir, SPECTRA_PNG), n_spaxels,
-                                recon if has_recon else None, x_cp, rank_by),
-                   plot_populations(f, os.path.join(out_dir, POPULATIONS_PNG), x_cp, truth),
-                   plot_totals(f, os.path.join(out_dir, TOTALS_PNG), x_cp, truth)]
+        written = draw_fit(f, path, out_dir, x_cp, n_spaxels=n_spaxels, recon=recon if has_recon else None,
+                           rank_by=rank_by)
         if has_recon and lay.SPAXEL_XY in f:
             written.append(plot_rmse_map(f, os.path.join(out_dir, RMSE_MAP_PNG), recon))
         else:
             _LOG.info("no rmse map: needs %s and %s%s", lay.SPAXEL_XY, recon, RMSE_SUFFIX)
+        if has_uncertainty(f) and x_dataset == lay.X_GLOBAL and bootstrap_is_current(f):
+            written.append(plot_uncertainty(f, os.path.join(out_dir, UNCERTAINTY_PNG), x_cp))
+        elif has_uncertainty(f):
+            _LOG.info("no uncertainty figure: %s was made for another x than %s", lay.UNCERTAINTY, x_dataset)
     sidecar = newest_sidecar(path)
     if sidecar is None:
         _LOG.info("no convergence plot: no fit-tracker sidecar %s.fit.*.h5", path)
@@ -136,23 +137,42 @@ def draw_all(path: str, out_dir: str, *, n_spaxels: int, recon: str, x_dataset: 
     return written
 
 
+def draw_fit(f, path: str, out_dir: str, x, *, n_spaxels: int = 3, recon: str | None = None,
+             rank_by: str = "rmse", x_note: str | None = None) -> list[str]:
+    """Spectra, population weights and component totals of one ``x``, into ``out_dir``.  Local.
+
+    Parameters
+    ----------
+    f : the cube file, open (serially) for reading
+    path : str, its name (for messages)
+    out_dir : str, created when missing
+    x : (C·P,) or (C, P) float64, the weights to draw (a solution or a live snapshot)
+    n_spaxels : int, best and worst spaxels drawn
+    recon : str or None, a reconstruction of this ``x`` to rank all spaxels by; None computes the
+        models of an evenly spaced sample from ``/HyperCube/models``
+    rank_by : {"rmse", "chi2"}
+    x_note : str, optional, where ``x`` comes from (shown in the spectra's title)
+
+    Returns
+    -------
+    list of str: ``spectra_best_worst.png``, ``population_weights.png``, ``component_totals.png``.
+    Each PNG is written atomically (a temporary file renamed over it): a viewer never sees half.
+    """
+    n_comp, n_pop = _components_populations(f, path)
+    x_cp = np.asarray(x, dtype=np.float64)
+    if x_cp.size != n_comp * n_pop:
+        raise InputError(f"x: expected C*P = {n_comp}*{n_pop} values, got {x_cp.size}")
+    x_cp = x_cp.reshape(n_comp, n_pop)
+    require_writable_folder(out_dir, "--out")
+    truth = read_truth(f, n_comp, n_pop)
+    return [plot_spectra(f, path, os.path.join(out_dir, SPECTRA_PNG), n_spaxels, recon, x_cp, rank_by, x_note),
+            plot_populations(f, os.path.join(out_dir, POPULATIONS_PNG), x_cp, truth),
+            plot_totals(f, os.path.join(out_dir, TOTALS_PNG), x_cp, truth)]
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers (local)
 # ---------------------------------------------------------------------------------------------
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, out_path: str) -> str:
-    fig.savefig(out_path, dpi=DPI, format="png")
-    return out_path
-
-
 def _components_populations(f, path: str) -> tuple[int, int]:
     if lay.MODELS in f and len(f[lay.MODELS].shape) == 4:
         return tuple(int(n) for n in f[lay.MODELS].shape[1:3])
@@ -168,12 +188,6 @@ def _check_recon(f, recon: str, x_cp: np.ndarray) -> None:
     stored = f[recon].attrs.get("recon.x_crc32")
     if stored is not None and int(stored) != x_checksum(x_cp):
         _LOG.warning("%s was made from another x than the current one; rerun `cubefit_mpi recon`", recon)
-
-
-def _read_truth(f, n_comp: int, n_pop: int) -> np.ndarray | None:
-    if lay.TRUTH_X in f and f[lay.TRUTH_X].size == n_comp * n_pop:
-        return np.asarray(f[lay.TRUTH_X][...], dtype=np.float64).reshape(n_comp, n_pop)
-    return None
 
 
 def masked_spans(used: np.ndarray | None, wave: np.ndarray) -> list[tuple[float, float]]:
@@ -206,8 +220,11 @@ def select_best_worst(metric: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarra
 # the plots (local; each returns the path written)
 # ---------------------------------------------------------------------------------------------
 def plot_spectra(f, path: str, out_path: str, n: int, recon: str | None, x_cp: np.ndarray,
-                 rank_by: str) -> str:
-    """Data, model and residual of the best and worst spaxels.  Local."""
+                 rank_by: str, x_note: str | None = None) -> str:
+    """Data, model and residual of the best and worst spaxels.  Local.
+
+    ``x_note`` says where ``x`` comes from in the title when it is not the stored solution.
+    """
     n_s, n_l = f[lay.DATACUBE].shape
     used, weights, _ = read_mask_and_weights(f, n_l)
     if lay.OBS_PIX in f:
@@ -221,13 +238,14 @@ def plot_spectra(f, path: str, out_path: str, n: int, recon: str | None, x_cp: n
     else:
         sample = np.unique(np.linspace(0, n_s - 1, min(2 * n, n_s)).round().astype(int))
         best, worst = sample, sample       # ranked within the sample below
-        source = f"evenly spaced sample of {sample.size} spaxels (no {recon or RECON_DEFAULT}: run `recon`)"
+        source = f"evenly spaced sample of {sample.size} spaxels " + \
+            (f"({x_note})" if x_note else f"(no {recon or RECON_DEFAULT}: run `recon`)")
     rows = np.unique(np.concatenate((best, worst)))
     data = np.asarray(f[lay.DATACUBE][rows, :], dtype=np.float64)
     if recon is not None:
         model = np.asarray(f[recon][rows, :], dtype=np.float64)
     else:
-        model = model_rows(require_usable_models(f, mpi().COMM_SELF), x_cp, rows)
+        model = model_rows(f, open_operator(path, "auto", comm=mpi().COMM_SELF), x_cp, rows)
     chi2, rmse, _ = residual_stats(data, model, used, weights)
     if recon is None:
         local_best, local_worst = select_best_worst(rmse if rank_by == "rmse" else chi2, n)
@@ -235,7 +253,7 @@ def plot_spectra(f, path: str, out_path: str, n: int, recon: str | None, x_cp: n
     where = {int(s): i for i, s in enumerate(rows)}
     spans = masked_spans(used, wave)
     n_panels = max(len(best), len(worst), 1)
-    fig = _new_figure(12, 2.6 * n_panels + 0.6)
+    fig = new_figure(12, 2.6 * n_panels + 0.6)
     grid = fig.add_gridspec(2 * n_panels, 2, height_ratios=[3, 1] * n_panels)
     for col, (label, chosen) in enumerate((("best", best), ("worst", worst))):
         for k, s in enumerate(chosen):
@@ -259,58 +277,30 @@ def plot_spectra(f, path: str, out_path: str, n: int, recon: str | None, x_cp: n
             if k == len(chosen) - 1:
                 bottom.set_xlabel(xlabel)
     fig.suptitle(f"best / worst spaxels, {source}; grey = masked", fontsize=10)
-    return _save(fig, out_path)
-
-
-def _pop_axes(f, pop_shape: tuple[int, int]) -> list[tuple[str, np.ndarray | None]]:
-    """Label and tick values of both population-grid axes, from ``/Populations`` when it fits."""
-    axes: list[tuple[str, np.ndarray | None]] = [("population index (axis 0)", None),
-                                                 ("population index (axis 1)", None)]
-    for name, label in POP_AXES:
-        if name not in f or f[name].size != pop_shape[0] * pop_shape[1]:
-            continue
-        grid = np.asarray(f[name][...], dtype=np.float64).reshape(pop_shape)
-        for axis in (0, 1):
-            along = grid[:, :1] if axis == 0 else grid[:1, :]
-            if np.allclose(grid, along) and axes[axis][1] is None:
-                axes[axis] = (label, along.reshape(-1))
-                break
-    return axes
-
-
-def _set_ticks(ax, which: str, values: np.ndarray | None, n: int) -> None:
-    stride = max(1, -(-n // 8))
-    pos = np.arange(0, n, stride)
-    getattr(ax, f"set_{which}ticks")(pos)
-    if values is not None:
-        getattr(ax, f"set_{which}ticklabels")([f"{values[i]:.3g}" for i in pos], fontsize=7)
+    return save_png(fig, out_path)
 
 
 def plot_populations(f, out_path: str, x_cp: np.ndarray, truth: np.ndarray | None) -> str:
     """Population weights per component (image over the grid, else bars), truth beside.  Local."""
     n_comp, n_pop = x_cp.shape
-    pop_shape = None
-    if lay.TEMPLATES in f and "pop_shape" in f[lay.TEMPLATES].attrs:
-        pop_shape = tuple(int(v) for v in np.atleast_1d(f[lay.TEMPLATES].attrs["pop_shape"]))
-        if len(pop_shape) != 2 or pop_shape[0] * pop_shape[1] != n_pop:
-            pop_shape = None
+    pop_shape = population_grid(f, n_pop)
     panels = [("fit", x_cp)] + ([("truth", truth)] if truth is not None else [])
     if pop_shape is not None:
-        (xlab, xval), (ylab, yval) = _pop_axes(f, pop_shape)
-        fig = _new_figure(4.2 * len(panels), 3.0 * n_comp + 0.4)
+        (xlab, xval), (ylab, yval) = population_axes(f, pop_shape)
+        fig = new_figure(4.2 * len(panels), 3.0 * n_comp + 0.4)
         for c in range(n_comp):
             for j, (name, weights) in enumerate(panels):
                 ax = fig.add_subplot(n_comp, len(panels), c * len(panels) + j + 1)
                 image = ax.imshow(weights[c].reshape(pop_shape).T, origin="lower", aspect="auto",
                                   cmap="viridis", vmin=0.0, interpolation="nearest")
                 fig.colorbar(image, ax=ax, shrink=0.9)
-                _set_ticks(ax, "x", xval, pop_shape[0])
-                _set_ticks(ax, "y", yval, pop_shape[1])
+                set_ticks(ax, "x", xval, pop_shape[0])
+                set_ticks(ax, "y", yval, pop_shape[1])
                 ax.set_xlabel(xlab, fontsize=8)
                 ax.set_ylabel(ylab, fontsize=8)
                 ax.set_title(f"component {c}: {name} (Σ={weights[c].sum():.3g})", fontsize=9)
     else:
-        fig = _new_figure(max(6.0, 0.25 * n_pop + 2), 2.4 * n_comp + 0.4)
+        fig = new_figure(max(6.0, 0.25 * n_pop + 2), 2.4 * n_comp + 0.4)
         width = 0.8 / len(panels)
         for c in range(n_comp):
             ax = fig.add_subplot(n_comp, 1, c + 1)
@@ -322,7 +312,7 @@ def plot_populations(f, out_path: str, x_cp: np.ndarray, truth: np.ndarray | Non
         ax.set_xlabel("population p")
     fig.suptitle("population weights x[c, p]" + (" (fit beside truth)" if truth is not None else ""),
                  fontsize=10)
-    return _save(fig, out_path)
+    return save_png(fig, out_path)
 
 
 def plot_totals(f, out_path: str, x_cp: np.ndarray, truth: np.ndarray | None) -> str:
@@ -334,7 +324,7 @@ def plot_totals(f, out_path: str, x_cp: np.ndarray, truth: np.ndarray | None) ->
         series.append(("orbit-weight target", np.asarray(f[ORBIT_WEIGHTS][...], dtype=np.float64).reshape(-1)))
     if truth is not None:
         series.append(("truth", truth.sum(axis=1)))
-    fig = _new_figure(max(5.0, 1.2 * n_comp + 2), 3.6)
+    fig = new_figure(max(5.0, 1.2 * n_comp + 2), 3.6)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / len(series)
     for j, (name, values) in enumerate(series):
@@ -348,7 +338,7 @@ def plot_totals(f, out_path: str, x_cp: np.ndarray, truth: np.ndarray | None) ->
     ax.set_ylabel("fraction of Σ x")
     ax.set_title("component totals Σ_p x[c, p] (labels: fitted totals)", fontsize=10)
     ax.legend(fontsize=8)
-    return _save(fig, out_path)
+    return save_png(fig, out_path)
 
 
 def plot_rmse_map(f, out_path: str, recon: str) -> str:
@@ -357,7 +347,7 @@ def plot_rmse_map(f, out_path: str, recon: str) -> str:
     rmse = np.asarray(f[recon + RMSE_SUFFIX][...], dtype=np.float64)
     if xy.shape != (rmse.size, 2):
         raise InputError(f"{lay.SPAXEL_XY}: expected shape ({rmse.size}, 2), got {xy.shape}")
-    fig = _new_figure(6, 5)
+    fig = new_figure(6, 5)
     ax = fig.add_subplot(1, 1, 1)
     size = float(np.clip((260.0 / np.sqrt(max(rmse.size, 1))) ** 2, 2.0, 400.0))
     points = ax.scatter(xy[:, 0], xy[:, 1], c=rmse, s=size, marker="s", cmap="magma", linewidths=0)
@@ -366,7 +356,7 @@ def plot_rmse_map(f, out_path: str, recon: str) -> str:
     ax.set_xlabel("x [arcsec]")
     ax.set_ylabel("y [arcsec]")
     ax.set_title(f"residual rmse per spaxel ({recon}{RMSE_SUFFIX})", fontsize=10)
-    return _save(fig, out_path)
+    return save_png(fig, out_path)
 
 
 def newest_sidecar(path: str) -> str | None:
@@ -404,7 +394,7 @@ def plot_convergence(sidecar: str, out_path: str) -> str | None:
         _LOG.info("%s: empty history; no convergence plot", sidecar)
         return None
     step = hist["step"]
-    fig = _new_figure(7, 4)
+    fig = new_figure(7, 4)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(step, hist["rmse"], label="rmse", color="tab:blue", lw=0.8, alpha=0.7)
     ax.plot(step, hist["ewma"], label="ewma", color="tab:red", lw=1.5)
@@ -417,4 +407,4 @@ def plot_convergence(sidecar: str, out_path: str) -> str | None:
     ax.set_ylabel("rmse")
     ax.set_title(f"convergence ({os.path.basename(sidecar)}; dotted = new epoch)", fontsize=9)
     ax.legend(fontsize=8)
-    return _save(fig, out_path)
+    return save_png(fig, out_path)

@@ -37,9 +37,9 @@ from ..io import layout as lay
 from ..io.blocks import read_block, write_block
 from ..io.datasets import staged_datasets
 from ..io.h5file import open_h5
-from ..io.hypercube_state import require_usable_models
+from ..operators.select import open_operator
 from ..numerics.lambda_weights import finalize_weights
-from ..numerics.reconstruction import active_blocks, contract_block, residual_stats, x_checksum
+from ..numerics.reconstruction import active_blocks, residual_stats, x_checksum
 from ..parallel.collectives import agree, allreduce_sum, check_all_ranks
 from ..parallel.comm import get_comm
 from ..parallel.decomposition import owned_tiles, padded_schedule, tile_bounds
@@ -72,8 +72,8 @@ class ReconInputs:
 
     Attributes
     ----------
-    shape : (S, C, P, L) of ``/HyperCube/models``
-    chunks : (S_chunk, C_chunk, P_chunk) block shape used to read ``A``
+    shape : (S, C, P, L) of the models
+    chunks : (S_chunk, C_chunk, P_chunk) block shape used to read ``A`` (a stored hypercube), or None
     x_cp : (C, P) float64, the weights
     used : (L,) bool or None, ``/Mask``
     weights : (L,) float64 or None, λ-weights (floored) used in χ²
@@ -86,6 +86,7 @@ class ReconInputs:
     used: np.ndarray | None
     weights: np.ndarray | None
     weighting: str
+    operator: object = None          # the operator A comes from (cubefit_mpi.operators)
 
 
 def normalise_name(name: str) -> str:
@@ -144,19 +145,18 @@ def read_mask_and_weights(f, n_lam: int) -> tuple[np.ndarray | None, np.ndarray 
     return used, weights, f"lambda-weighted ({name}, floor {floor:g})"
 
 
-def read_inputs(f, path: str, x_dataset: str, comm) -> ReconInputs:
-    """Validate and read everything small a reconstruction needs.  Collective over comm."""
-    models = require_usable_models(f, comm)
-    n_s, n_c, n_p, n_l = models.shape
+def read_inputs(f, path: str, x_dataset: str, operator) -> ReconInputs:
+    """Validate and read everything small a reconstruction needs, for ``operator``.  Local."""
+    n_s, n_c, n_p, n_l = operator.S, operator.C, operator.P, operator.L
     if lay.DATACUBE not in f:
         raise InputError(f"{lay.DATACUBE}: dataset missing from {path}; it is needed for chi2/rmse")
     if f[lay.DATACUBE].shape != (n_s, n_l):
-        raise InputError(f"{lay.DATACUBE}: expected shape ({n_s}, {n_l}) to match {lay.MODELS}, "
+        raise InputError(f"{lay.DATACUBE}: expected shape ({n_s}, {n_l}) to match the models, "
                          f"got {f[lay.DATACUBE].shape}")
     x_cp = read_x(f, x_dataset, n_c, n_p)
     used, weights, weighting = read_mask_and_weights(f, n_l)
-    chunks = models.chunks[:3] if models.chunks is not None else None
-    return ReconInputs((n_s, n_c, n_p, n_l), chunks, x_cp, used, weights, weighting)
+    chunks = getattr(operator, "chunks", None)
+    return ReconInputs((n_s, n_c, n_p, n_l), chunks, x_cp, used, weights, weighting, operator)
 
 
 def _check_out(f, out: str, x_dataset: str) -> None:
@@ -176,10 +176,14 @@ def plan_tiles(inputs: ReconInputs, s_tile: int | None) -> tuple[int, list[tuple
     With a chunked ``models`` the tile is a multiple of ``S_chunk`` (``s_tile`` rounded up; the
     chunk itself by default) and the blocks are whole (C_chunk, P_chunk) chunks.  Unchunked, a
     block is one component over all P and the default tile keeps it under 64 MiB in float64.
+    From the factors there is nothing to read: the operator's tile by default, no blocks.
     """
     n_s, _, n_p, n_l = inputs.shape
     if s_tile is not None and (int(s_tile) != s_tile or s_tile < 1):
         raise InputError(f"--s-tile {s_tile}: expected a positive integer")
+    if inputs.operator is not None and inputs.operator.kind == "factored":
+        tile = inputs.operator.s_tiles[0][1] if s_tile is None else int(s_tile)
+        return min(tile, n_s), []
     if inputs.chunks is not None:
         s_chunk, c_chunk, p_chunk = inputs.chunks
         tile = s_chunk if s_tile is None else -(-int(s_tile) // s_chunk) * s_chunk
@@ -193,7 +197,8 @@ def plan_tiles(inputs: ReconInputs, s_tile: int | None) -> tuple[int, list[tuple
 # the stage
 # ---------------------------------------------------------------------------------------------
 def reconstruct(path, *, out: str = RECON_DEFAULT, x_dataset: str = lay.X_GLOBAL,
-                s_tile: int | None = None, comm=None) -> dict:
+                s_tile: int | None = None, comm=None, operator: str = "auto", norm_mode: str | None = None,
+                amp_mode: str | None = None) -> dict:
     """Write ``out = A·x`` (S, L) float64 and per-spaxel ``out_chi2``, ``out_rmse``.  Collective over comm.
 
     Parameters
@@ -207,6 +212,9 @@ def reconstruct(path, *, out: str = RECON_DEFAULT, x_dataset: str = lay.X_GLOBAL
     s_tile : int, optional
         Spaxels per tile (rounded up to whole chunks).  Default: the chunk's ``S_chunk``.
     comm : MPI communicator, default ``MPI.COMM_WORLD``
+    operator : {"auto", "factored", "hypercube"}, where A comes from
+        (:func:`~cubefit_mpi.operators.select.open_operator`; no hypercube needed with the factors)
+    norm_mode, amp_mode : the normalisation of factored models of a file without a hypercube
 
     Returns
     -------
@@ -228,8 +236,9 @@ def reconstruct(path, *, out: str = RECON_DEFAULT, x_dataset: str = lay.X_GLOBAL
     out, x_dataset = normalise_name(out), normalise_name(x_dataset)
 
     def _validate():
+        op = open_operator(path, operator, norm_mode=norm_mode, amp_mode=amp_mode, comm=comm)
         with open_h5(path, "r", comm) as f:
-            inputs = read_inputs(f, path, x_dataset, comm)
+            inputs = read_inputs(f, path, x_dataset, op)
             _check_out(f, out, x_dataset)
         return inputs, plan_tiles(inputs, s_tile)
 
@@ -264,7 +273,7 @@ def _provenance(inputs: ReconInputs, x_dataset: str, comm) -> dict:
     """Attributes of the written datasets: what they were made from, when, how χ² is weighted.  Collective."""
     created = agree(_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), comm)
     return {RECON_MARKER: x_dataset, "recon.created": created, "recon.x_crc32": x_checksum(inputs.x_cp),
-            "recon.models": lay.MODELS, "recon.formula": "Y[s,l] = sum_{c,p} x[c,p] A[s,c,p,l]",
+            "recon.models": lay.MODELS if inputs.operator.kind == "hypercube" else "factors (/LOSVD, /Templates, /R_T)", "recon.formula": "Y[s,l] = sum_{c,p} x[c,p] A[s,c,p,l]",
             "chi2.weighting": inputs.weighting,
             "chi2.definition": "sum over used pixels of w_l (y - yhat)^2 (w = 1 when unweighted)",
             "rmse.definition": "sqrt(mean over used pixels of (y - yhat)^2), unweighted",
@@ -276,18 +285,13 @@ def _reconstruct_tiles(f, inputs: ReconInputs, mine: list, blocks: list, outputs
     statistics, the three outputs written.  Returns this rank's ``[Σχ², Σ(y−ŷ)², n_used]``.  Collective."""
     recon_d, chi2_d, rmse_d = outputs
     n_l = inputs.shape[3]
-    models, data_d = f[lay.MODELS], f[lay.DATACUBE]
+    data_d = f[lay.DATACUBE]
     sums = np.zeros(3)
     for item in padded_schedule(mine, comm):
         have = item is not None
         s0, s1 = item if have else (0, 0)
         n_rows = s1 - s0
-        acc = np.zeros((n_rows, n_l)) if have else None
-        for c0, c1, p0, p1 in blocks:
-            block = read_block(models, (s0, c0, p0, 0) if have else None,
-                               (n_rows, c1 - c0, p1 - p0, n_l) if have else None, dtype=np.float64)
-            if have:
-                acc += contract_block(block, inputs.x_cp[c0:c1, p0:p1])
+        acc = inputs.operator.spectra(f, item, inputs.x_cp, blocks=blocks)
         data = read_block(data_d, (s0, 0) if have else None, (n_rows, n_l) if have else None, dtype=np.float64)
         chi2 = rmse = None
         if have:
@@ -299,27 +303,22 @@ def _reconstruct_tiles(f, inputs: ReconInputs, mine: list, blocks: list, outputs
     return sums
 
 
-def model_rows(models, x_cp: np.ndarray, rows, chunks: tuple[int, int] | None = None) -> np.ndarray:
-    """``A[rows]·x`` for a few spaxels, reading only their non-zero (c, p) blocks.  Local.
+def model_rows(f, operator, x_cp: np.ndarray, rows) -> np.ndarray:
+    """``A[rows]·x`` for a few spaxels of a file opened on one rank, from ``operator``.  Local.
 
     Parameters
     ----------
-    models : h5py.Dataset (S, C, P, L), opened serially
+    f : h5py.File opened on one rank (``MPI.COMM_SELF``)
+    operator : :class:`~cubefit_mpi.operators.base.Operator` of the file (for that communicator)
     x_cp : (C, P) float64
     rows : sequence of int, spaxel indices
-    chunks : (C_chunk, P_chunk) read block; default the dataset's chunks (or (1, P))
 
     Returns
     -------
-    (len(rows), L) float64
+    (len(rows), L) float64 (a stored hypercube: only the non-zero (c, p) blocks are read)
     """
-    n_s, n_c, n_p, n_l = models.shape
-    if chunks is None:
-        chunks = models.chunks[1:3] if models.chunks is not None else (1, n_p)
-    blocks = active_blocks(x_cp, *chunks)
-    result = np.zeros((len(rows), n_l))
+    blocks = operator.read_blocks(x_cp)
+    result = np.zeros((len(rows), operator.L))
     for i, s in enumerate(rows):
-        for c0, c1, p0, p1 in blocks:
-            block = np.asarray(models[int(s):int(s) + 1, c0:c1, p0:p1, :], dtype=np.float64)
-            result[i] += contract_block(block, x_cp[c0:c1, p0:p1])[0]
+        result[i] = operator.spectra(f, (int(s), int(s) + 1), x_cp, blocks=blocks)[0]
     return result

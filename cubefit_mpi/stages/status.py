@@ -13,6 +13,8 @@ from ..config.errors import InputError
 from ..io import layout as lay
 from ..io.h5file import open_h5
 from ..io.lock import describe, read_holder
+from ..numerics.support import summary, support_map
+from ..solvers.uncertainty import bootstrap_is_current
 
 
 def _fmt_shape(dset) -> str:
@@ -56,9 +58,26 @@ def file_status(path: str) -> list[tuple[str, str]]:
             attrs = dict(f[lay.SOLVE].attrs)
             keys = [k for k in ("method", "chi2", "kkt.ok", "active_set", "iterations") if k in attrs]
             rows.append((lay.SOLVE, ", ".join(f"{k}={attrs[k]}" for k in keys) or "present"))
+        if lay.UNCERTAINTY_DONE in f:
+            rows.append((lay.UNCERTAINTY, _uncertainty_row(f)))
         if lay.TRUTH_X in f:
-            rows.append((lay.TRUTH, f"synthetic galaxy, seed={f[lay.TRUTH].attrs.get('seed', '?')}"))
+            truth = f[lay.TRUTH].attrs
+            rows.append((lay.TRUTH, f"mock galaxy ({truth.get('templates', 'synthetic')} templates), "
+                                    f"seed={truth.get('seed', '?')}"))
     return rows
+
+
+def _uncertainty_row(f) -> str:
+    """Replicates done, how they were drawn, the component totals with their spread.  Local."""
+    done = np.asarray(f[lay.UNCERTAINTY_DONE][...], dtype=bool)
+    a = f[lay.UNCERTAINTY_REPLICATES].attrs
+    line = "" if bootstrap_is_current(f) else "STALE (made for an earlier /X_global; rerun `uncertainty`): "
+    line += f"{int(done.sum())}/{done.size} replicates ({a.get('method', '?')}, seed {a.get('seed', '?')})"
+    group = f[lay.UNCERTAINTY]
+    if "totals_mean" in group and "totals_std" in group:
+        totals = ", ".join(f"{m:.4g} +- {s:.2g}" for m, s in zip(group["totals_mean"][...], group["totals_std"][...]))
+        line += f"; component totals {totals}"
+    return line
 
 
 def _hypercube_rows(f) -> list[tuple[str, str]]:
@@ -76,9 +95,11 @@ def _hypercube_rows(f) -> list[tuple[str, str]]:
         done = np.asarray(f[lay.DONE][...])
         rows.append(("build", f"{int(done.sum())}/{done.size} tiles done "
                      f"({100.0 * done.sum() / max(done.size, 1):.1f}%), complete={bool(hc.get('complete', False))}"))
-    for key in ("norm.mode", "amp.mode", "rebin.mode"):
+    for key in ("norm.mode", "amp.mode", "rebin.mode", "build.method"):
         if key in hc:
             rows.append((key, str(hc[key])))
+    if lay.LOSVD_AMP in f:
+        rows.append(("component support", summary(support_map(np.asarray(f[lay.LOSVD_AMP][...])))))
     return rows
 
 

@@ -49,7 +49,7 @@ from ...parallel.comm import get_comm, mpi
 from ...parallel.threads import matvec_blas_threads
 from . import steps as ks
 from .grid import Grid
-from .tiles import HypercubeTiles, Tile
+from .tiles import FactoredTiles, HypercubeTiles, Tile
 from .inputs import check_options, initial_x, load_data, read_x_global, solution_bytes, write_solution
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
@@ -78,7 +78,8 @@ class _Run:
         self.counts: dict[str, float] = defaultdict(float)   # summed over ranks at the end
         self.maxima: dict[str, float] = defaultdict(float)
         self.group_tiles = 0
-        self.tiles = HypercubeTiles(f, inputs, grid, knobs, cfg, data_w, self.counts)
+        self.tiles = (FactoredTiles(f, inputs, grid, cfg, data_w, self.counts) if inputs.operator.kind == "factored"
+                      else HypercubeTiles(f, inputs, grid, knobs, cfg, data_w, self.counts))
 
     def cols(self, band: int) -> slice:
         c0, c1 = self.grid.bands[band]
@@ -293,7 +294,8 @@ class _Run:
 def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bool = True,
                    orbit_weights=None, orbit_strength: float | None = None, warm_start: str = "zeros",
                    x0=None, tracker=None, comm=None, knobs=None, c_bands: int | None = None,
-                   decorrelate: float = 0.0, use_weights: bool = True) -> tuple[np.ndarray, dict]:
+                   decorrelate: float = 0.0, use_weights: bool = True, operator: str = "auto",
+                   norm_mode: str | None = None, amp_mode: str | None = None) -> tuple[np.ndarray, dict]:
     """The spec's batched Kaczmarz solve of ``path``; writes ``/X_global``.  Collective over comm.
 
     Parameters
@@ -313,6 +315,10 @@ def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bo
     c_bands : int, logical c-bands (default ``min(ranks, C)``)
     decorrelate : float in [0, 1], η of the de-correlation nudge (0 = off)
     use_weights : bool, use the λ-weights (also off when ``CUBEFIT_LAMBDA_WEIGHTS_ENABLE=0``)
+    operator : "auto" | "factored" | "hypercube", where the tiles come from (factored: made by
+        GEMM from the factors, no hypercube needed; auto reads a usable stored hypercube, else
+        uses the factors; see :mod:`cubefit_mpi.operators.select`)
+    norm_mode, amp_mode : the normalisation of factored models of a file without a hypercube
 
     Returns
     -------
@@ -326,7 +332,9 @@ def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bo
     t0 = time.perf_counter()
     knobs = get_knobs() if knobs is None else knobs
     rank0 = comm.Get_rank() == 0
-    inputs = load_solve_inputs(path, use_weights=use_weights and knobs.lambda_weights_enable, comm=comm)
+    inputs = load_solve_inputs(path, use_weights=use_weights and knobs.lambda_weights_enable, operator=operator,
+                               norm_mode=norm_mode, amp_mode=amp_mode, prefer_stored=True, comm=comm)
+    inputs.s_tiles = inputs.operator.step_tiles
     C, P, n = inputs.C, inputs.P, inputs.n_params
     check_options(epochs, lr, c_bands, C, orbit_strength, decorrelate)
     if not inputs.mask.any():
@@ -349,14 +357,8 @@ def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bo
     polish_enabled = knobs.nnls_enable and project_nonneg and knobs.nnls_prop_per_band > 0
     history = {k: [] for k in ("epoch", "round", "tile", "group", "rmse_before", "rmse", "sum_w")}
     try:
+        col_energy = _column_energy(path, inputs, comm)
         with open_h5(path, "r", comm) as f, matvec_blas_threads(knobs.blas_threads):
-            if lay.COL_ENERGY not in f or f[lay.COL_ENERGY].shape != (C, P):
-                raise InputError(f"{lay.COL_ENERGY}: expected a ({C}, {P}) dataset; rebuild it with "
-                                 f"`cubefit_mpi energy {path}`")
-            if bool(f[lay.COL_ENERGY].attrs.get(ENERGY_STALE, False)):
-                raise InputError(f"{lay.COL_ENERGY}: stale (the models changed since it was computed); "
-                                 f"recompute it with `cubefit_mpi energy {path}`")
-            col_energy = np.nan_to_num(np.asarray(f[lay.COL_ENERGY][...], dtype=np.float64))
             data_w, weighted_norms, y_norm = load_data(f, inputs, comm)
             order = sorted(range(len(inputs.s_tiles)), key=lambda t: (-weighted_norms[t], t))
             run = _Run(f, inputs, grid, knobs, cfg, col_energy, data_w, y_norm, targets, eta)
@@ -373,10 +375,10 @@ def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bo
     finally:
         grid.free()
     stats = _finish_stats(run, comm, history, objectives, weighted_norms, x, x_ref, C, P)
-    stats.update(method="kaczmarz", epochs=int(epochs), lr=float(lr), n_params=n, c_bands=len(grid.bands),
+    stats.update(method="kaczmarz", operator=inputs.operator.kind, epochs=int(epochs), lr=float(lr), n_params=n, c_bands=len(grid.bands),
                  s_groups=grid.n_groups, n_ranks=comm.Get_size(), warm_start=start, orbit_strength=eta,
                  decorrelate=float(decorrelate), seconds=time.perf_counter() - t0,
-                 epoch_seconds=np.asarray(epoch_seconds), read_ahead=bool(run.tiles.reader.threaded))
+                 epoch_seconds=np.asarray(epoch_seconds), read_ahead=run.tiles.threaded)
     write_solution(path, x, stats, knobs, comm)
     if rank0:
         _LOG.info("kaczmarz done: objective %.10g (1/2 chi2), %d tile steps, polish %d/%d accepted%s, %.1fs",
@@ -384,6 +386,22 @@ def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bo
                   "" if "gap_rel" not in stats else f", gap to the exact optimum {stats['gap_rel']:.3g} "
                   f"(relative to the decrease from x=0)", stats["seconds"])
     return x, stats
+
+
+def _column_energy(path, inputs, comm) -> np.ndarray:
+    """``E[c, p] = Σ_{s, λ∈mask} A²``: ``/HyperCube/col_energy`` for the hypercube, from the factors
+    otherwise.  Collective over comm."""
+    C, P = inputs.C, inputs.P
+    if inputs.operator.kind == "factored":
+        return inputs.operator.column_energy(inputs.mask, comm)
+    with open_h5(path, "r", comm) as f:
+        if lay.COL_ENERGY not in f or f[lay.COL_ENERGY].shape != (C, P):
+            raise InputError(f"{lay.COL_ENERGY}: expected a ({C}, {P}) dataset; rebuild it with "
+                             f"`cubefit_mpi energy {path}`")
+        if bool(f[lay.COL_ENERGY].attrs.get(ENERGY_STALE, False)):
+            raise InputError(f"{lay.COL_ENERGY}: stale (the models changed since it was computed); "
+                             f"recompute it with `cubefit_mpi energy {path}`")
+        return np.nan_to_num(np.asarray(f[lay.COL_ENERGY][...], dtype=np.float64))
 
 
 def _iterate(run: _Run, x, x_ref, order: list, epochs: int, polish_enabled: bool, history: dict, tracker):

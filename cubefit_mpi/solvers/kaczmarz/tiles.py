@@ -1,7 +1,11 @@
-"""Where the Kaczmarz solver's tiles come from: this rank's band designs of an S-tile, read from
-``/HyperCube/models`` (independent reads, the next tile read ahead in a background thread, see
-``CUBEFIT_READ_AHEAD``), with the √w-weighted data and the column energies of each (tile, band)
-kept between epochs.
+"""Where the Kaczmarz solver's tiles come from: this rank's band designs of an S-tile, with the
+√w-weighted data and the column energies of each (tile, band) kept between epochs.
+
+* :class:`HypercubeTiles` reads them from ``/HyperCube/models`` (independent reads, the next tile
+  read ahead in a background thread, see ``CUBEFIT_READ_AHEAD``);
+* :class:`FactoredTiles` makes them by one GEMM per tile from the factors (κ of the group's
+  tiles, computed once from ``/LOSVD``, times the template basis): an epoch costs arithmetic,
+  not I/O.
 """
 from __future__ import annotations
 
@@ -36,21 +40,18 @@ class Tile:
     sum_w: float           # n_spaxels * Σ_used w
 
 
-class HypercubeTiles:
-    """This rank's band designs of the S-tiles, read from the hypercube in a planned order.  Local.
+class _TileSource:
+    """This rank's band designs of the S-tiles in a planned order (the checks and caches common to
+    every source; a source provides :meth:`_start` and :meth:`_next_block`).  Local.
 
     ``counts["sanitised_A"]`` (the solver's counters) adds the non-finite design values zeroed
     (on tiles whose first read found some; they are sanitised on every read).
     """
 
-    def __init__(self, f, inputs, grid: Grid, knobs, cfg: ks.StepConfig, data_w: np.ndarray, counts: dict):
-        self.models = open_uncached(f, lay.MODELS)      # each tile is read once per epoch
-        self.planned, self.reader, self.n_read = [], None, 0
-        # a reader thread needs a core of its own: with every core running a rank it made an epoch
-        # 10-20 % slower here (2 ranks on 2 cores); with a spare core it hides the reads (1 rank:
-        # 0.30 -> 0.20 s per epoch, S=500 C=3 P=100 L=1500)
-        spare_core = ranks_on_node(grid.comm) < (os.cpu_count() or 1)
-        self.read_ahead = knobs.read_ahead == "1" or (knobs.read_ahead == "auto" and spare_core)
+    threaded = False
+
+    def __init__(self, inputs, grid: Grid, cfg: ks.StepConfig, data_w: np.ndarray, counts: dict):
+        self.planned, self.n_read = [], 0
         self.inp, self.grid, self.cfg = inputs, grid, cfg
         self.P = inputs.P
         self.sqrt_w_full = np.zeros(inputs.L)
@@ -65,24 +66,22 @@ class HypercubeTiles:
         self.dirty: set = set()                             # (tile, band) with non-finite values
 
     def plan(self, order: list, epochs: int) -> None:
-        """Start reading ahead this group's tiles: every epoch, then the objective pass.  Local.
-
-        The reads are independent (no rank waits for another's) and each is made in a
-        background thread while the previous tile is worked on (``CUBEFIT_READ_AHEAD``).
-        """
-        g, inp = self.grid, self.inp
+        """Plan this group's tiles: every epoch, then the objective pass.  Local."""
+        g = self.grid
         G = g.n_groups
         mine = [order[i] if i < len(order) else None for i in range(g.group, -(-len(order) // G) * G, G)]
         self.planned = mine * int(epochs) + mine
-        requests = [None if t is None or not g.my_bands else
-                    ((inp.s_tiles[t][0], g.c_lo, 0, 0), (inp.s_tiles[t][1] - inp.s_tiles[t][0], g.c_hi - g.c_lo,
-                                                         self.P, inp.L)) for t in self.planned]
-        self.reader = ReadAhead(self.models, requests, enabled=self.read_ahead)
+        self._start([t for t in dict.fromkeys(mine) if t is not None])
 
     def close(self) -> None:
-        """Stop reading ahead.  Local."""
-        if self.reader is not None:
-            self.reader.close()
+        """Stop whatever works ahead.  Local."""
+
+    def _start(self, tiles: list) -> None:
+        raise NotImplementedError
+
+    def _next_block(self, tile) -> np.ndarray | None:
+        """``A[tile, c_lo:c_hi]`` ``(ns, c_hi - c_lo, P, L)`` float32 of the next planned tile (None: none)."""
+        raise NotImplementedError
 
     def read(self, tile, count: bool = True) -> Tile | None:
         """This rank's band designs of ``tile`` and its weighted data (None: nothing).  Local.
@@ -96,7 +95,7 @@ class HypercubeTiles:
         if self.n_read >= len(self.planned) or self.planned[self.n_read] != tile:
             raise RuntimeError(f"kaczmarz: tile {tile} read out of the planned order")
         self.n_read += 1
-        a = self.reader.next()
+        a = self._next_block(tile)
         if tile is None:
             return None
         s0, s1 = inp.s_tiles[tile]
@@ -132,3 +131,59 @@ class HypercubeTiles:
 
     def _with_frozen(self, energy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return energy, ks.freeze_mask(energy, self.cfg.zero_col_rel, self.cfg.zero_col_abs)
+
+
+class HypercubeTiles(_TileSource):
+    """The band designs read from ``/HyperCube/models``: independent reads, each made in a
+    background thread while the previous tile is worked on (``CUBEFIT_READ_AHEAD``).  Local."""
+
+    def __init__(self, f, inputs, grid: Grid, knobs, cfg: ks.StepConfig, data_w: np.ndarray, counts: dict):
+        super().__init__(inputs, grid, cfg, data_w, counts)
+        self.models = open_uncached(f, lay.MODELS)      # each tile is read once per epoch
+        self.reader = None
+        # a reader thread needs a core of its own: with every core running a rank it made an epoch
+        # 10-20 % slower here (2 ranks on 2 cores); with a spare core it hides the reads (1 rank:
+        # 0.30 -> 0.20 s per epoch, S=500 C=3 P=100 L=1500)
+        spare_core = ranks_on_node(grid.comm) < (os.cpu_count() or 1)
+        self.read_ahead = knobs.read_ahead == "1" or (knobs.read_ahead == "auto" and spare_core)
+
+    @property
+    def threaded(self) -> bool:
+        return bool(self.reader is not None and self.reader.threaded)
+
+    def _start(self, tiles: list) -> None:
+        g, inp = self.grid, self.inp
+        requests = [None if t is None or not g.my_bands else
+                    ((inp.s_tiles[t][0], g.c_lo, 0, 0), (inp.s_tiles[t][1] - inp.s_tiles[t][0], g.c_hi - g.c_lo,
+                                                         self.P, inp.L)) for t in self.planned]
+        self.reader = ReadAhead(self.models, requests, enabled=self.read_ahead)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+    def _next_block(self, tile) -> np.ndarray | None:
+        return self.reader.next()
+
+
+class FactoredTiles(_TileSource):
+    """The band designs made from the factors: κ of the group's tiles (this rank's components)
+    computed once from ``/LOSVD`` (independent reads), each tile one GEMM ``κ @ B`` in float32,
+    clipped as the builder clips.  Local."""
+
+    def __init__(self, f, inputs, grid: Grid, cfg: ks.StepConfig, data_w: np.ndarray, counts: dict):
+        super().__init__(inputs, grid, cfg, data_w, counts)
+        self.f, self.operator = f, inputs.operator
+        self.kappa: dict = {}
+
+    def _start(self, tiles: list) -> None:
+        g = self.grid
+        for t in tiles if g.my_bands else []:
+            kappa = self.operator.read_kappa(self.f, self.inp.s_tiles[t], collective=False)
+            self.kappa[t] = np.ascontiguousarray(kappa[:, g.c_lo:g.c_hi])
+
+    def _next_block(self, tile) -> np.ndarray | None:
+        if tile is None or not self.grid.my_bands:
+            return None
+        kappa = self.kappa[tile]
+        return self.operator.tile_models(kappa, 0, kappa.shape[1])
