@@ -508,6 +508,6 @@ def test_solve_refuses_an_unbuilt_file_before_writing(tmp_path):
     path = tmp_path / "raw.h5"
     assert run_cli("mock", path, *MOCK).returncode == 0
     before = contents(path)
-    res = run_cli("solve", path)
+    res = run_cli("solve", path, "--operator", "hypercube")       # (--operator auto solves from the factors)
     assert res.returncode == 2 and "run `cubefit_mpi build" in res.stderr
     assert contents(path) == before
