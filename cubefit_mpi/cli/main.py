@@ -219,10 +219,15 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
         run_abort_hooks()              # release the write lock
         if comm.Get_size() > 1:
+            if exc.everywhere and rank != 0:   # rank 0 prints the line and releases the lock, then aborts
+                import time                    # the job, this rank with it (an abort from here could
+                                               # kill rank 0 first: no message, a lock left behind)
+                time.sleep(ABORT_WAIT_SEC)
             comm.Abort(exc.exit_code)
         os._exit(exc.exit_code)
 
 
+ABORT_WAIT_SEC = 30.0     # how long the other ranks wait for rank 0's abort after a write failure on every rank
 # commands that write the file named by their `file` argument (`run` locks its configured file itself)
 WRITING_COMMANDS = ("mock", "ingest", "build", "rebin", "convert-norm", "energy", "recompress", "weights",
                     "solve", "recon", "uncertainty")
