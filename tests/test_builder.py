@@ -8,7 +8,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from conftest import PYTHON, file_bytes, run_cli
+from conftest import PYTHON, file_bytes, run_cli, small_tmpfs
 from mpi4py import MPI
 
 from cubefit_mpi import H5Dims, H5Manager, InputError
@@ -287,24 +287,19 @@ def test_file_locked_elsewhere(built):
 @pytest.mark.slow
 def test_disk_full_keeps_finished_tiles_and_resumes(tmp_path):
     """A real full disk (a small tmpfs): clear error, finished tiles valid, the resume completes."""
-    mnt, src, ref = tmp_path / "mnt", tmp_path / "src.h5", tmp_path / "ref.h5"
+    src, ref = tmp_path / "src.h5", tmp_path / "ref.h5"
     res = run_cli("mock", src, "--spaxels", 200, "--populations", 12, "--wavelengths", 300, "--seed", 8)
     assert res.returncode == 0, res.stderr
     shutil.copy(src, ref)
     build_hypercube(str(ref), S_chunk=4, C_chunk=3, comm=SELF)
-    mnt.mkdir()
     size_kb = os.path.getsize(src) // 1024 + 4096            # room for about half of the 8.6 MB hypercube
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mnt)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with small_tmpfs(size_kb) as mnt:
         shutil.copy(src, mnt / "full.h5")
         res = run_cli("build", mnt / "full.h5", "--chunks", "4,3,12", env={"CUBEFIT_BUILD_CHECKPOINT_SEC": "0"})
         assert res.returncode == 1, res.stderr
         errors = [ln for ln in res.stderr.strip().splitlines() if " INFO " not in ln]
         assert len(errors) == 1 and "is the disk full?" in errors[0] and "rerun `cubefit_mpi build" in errors[0]
         subprocess.run(["cp", "--sparse=always", str(mnt / "full.h5"), str(tmp_path / "full.h5")], check=True)
-    finally:
-        subprocess.run(["umount", str(mnt)])
     path = tmp_path / "full.h5"
     with h5py.File(path) as f:
         done = f["/HyperCube/_done"][...].astype(bool)

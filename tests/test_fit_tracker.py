@@ -240,7 +240,7 @@ def test_killed_writer_process_never_blocks_the_solver(main_file, monkeypatch):
     assert epoch == 2 and np.all(x == 2.0)
 
 
-def test_latest_snapshot_by_epoch_skips_corrupt_and_wrong_length(main_file, monkeypatch):
+def test_latest_snapshot_of_the_latest_run_skips_corrupt_and_wrong_length(main_file, monkeypatch):
     _env(monkeypatch, FITTRACKER_START="thread")
     with FitTracker(main_file, comm=SELF, n_params=4) as a:
         for epoch in range(4):
@@ -253,7 +253,7 @@ def test_latest_snapshot_by_epoch_skips_corrupt_and_wrong_length(main_file, monk
     assert find_sidecars(main_file)[-1] == str(junk)
     assert latest_snapshot(main_file, n_params=4)[1:] == (3, a.path)
     assert latest_snapshot(main_file, n_params=6)[1:] == (1, b.path)
-    assert latest_snapshot(main_file)[1:] == (3, a.path)          # by epoch, not by file time
+    assert latest_snapshot(main_file)[1:] == (1, b.path)      # the latest run's, not the highest epoch of all runs
     assert latest_snapshot(main_file, n_params=5) is None
     # a torn write: x changed without its CRC -- the slot is skipped, history still has epoch 3
     with h5py.File(a.path, "r+") as f:

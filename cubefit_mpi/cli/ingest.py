@@ -33,6 +33,8 @@ def register(sub) -> None:
                    "the templates are broadened to it (default: no matching)")
     p.add_argument("--template-fwhm", type=_number_or_path, metavar="A|FILE",
                    help="the templates' resolution, FWHM in Å or a file as for --data-fwhm (MILES: 2.51)")
+    p.add_argument("--force", action="store_true", help="replace an existing FILE even when it holds a hypercube "
+                   "or a solution")
     p.set_defaults(handler=cmd_ingest)
 
     p = sub.add_parser("init-config", help="print a commented pipeline configuration (YAML) with every option")
@@ -80,7 +82,7 @@ def cmd_ingest(args, comm) -> int:
     from ..stages.ingest import run_ingest
 
     opts = ingest_options(args)
-    out = run_ingest(args.file, opts, comm)
+    out = run_ingest(args.file, opts, comm, replace=args.force)
     if comm.Get_rank() == 0:
         d = out["dims"]
         print(f"wrote {args.file}: S={d.S} L={d.L} T={d.T} V={d.V} C={d.C} P={d.P} "

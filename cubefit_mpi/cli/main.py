@@ -2,7 +2,9 @@
 
 The same under ``mpiexec -n N``, ``srun``, or alone.  Exit codes: 0 success; 2 bad input or
 usage (one line on stderr from rank 0, the file untouched); 1 internal error (traceback of the
-failing rank, the other ranks aborted).  ``--help`` and ``info`` never start MPI.
+failing rank, the other ranks aborted) or a failed write (one line).  ``--help`` and ``info``
+never start MPI.  Every command that writes a file holds its one-writer lock
+(:func:`~cubefit_mpi.io.lock.write_lock`, see :func:`written_file`) for its whole run.
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="MPI library, ranks, h5py MPI build, HDF5 and pyFFTW versions (no MPI start)")
 
     p = sub.add_parser("mock", help="write a galaxy with known truth (synthetic or shipped MILES templates)")
-    p.add_argument("file", help="output HDF5 file (overwritten)")
+    p.add_argument("file", help="output HDF5 file (replaced once the new one is complete)")
     p.add_argument("--templates", choices=TEMPLATE_SOURCES, default="synthetic",
                    help="synthetic SSP-like templates (default), or the MILES SSP subset shipped with the "
                    "package (53 ages x 4 [M/H], 4750-5450 A: at most 619 wavelengths)")
@@ -181,12 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         return cmd_info(args, None)
     from ..config.knobs import get_knobs, warn_predecessor_knobs
-    from ..parallel.comm import get_comm, install_abort_excepthook
+    from ..io.lock import write_lock
+    from ..parallel.comm import get_comm, install_abort_excepthook, run_abort_hooks
+    from ..parallel.failure import FailureAgreement
     from ..parallel.output import setup_logging
     from ..parallel.threads import limit_blas_threads
 
     comm = get_comm()
     install_abort_excepthook(comm)
+    agreement = FailureAgreement(comm)
     rank = comm.Get_rank()
     try:
         knobs = get_knobs()
@@ -197,18 +202,44 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             warn_predecessor_knobs(logging.getLogger("cubefit_mpi.knobs"))
         handler = getattr(args, "handler", None) or COMMANDS[args.command]
-        return handler(args, comm)
+        target = written_file(args)
+        if target is None:
+            return handler(args, comm)
+        with write_lock(target, args.command, comm):
+            return handler(args, comm)
     except (InputError, ConsistencyError) as exc:
+        agreement.settle(exc, f"in `cubefit_mpi {args.command}`")      # one rank alone: abort, never hang
         if rank == 0:
             sys.stderr.write(f"cubefit_mpi {args.command}: error: {exc}\n")
             sys.stderr.flush()
         return exc.exit_code
     except WriteFailure as exc:        # end now: no HDF5 close/atexit on a file whose writes failed
-        sys.stderr.write(f"cubefit_mpi {args.command}: error: {exc}\n")
-        sys.stderr.flush()
+        if rank == 0 or not exc.everywhere:
+            sys.stderr.write(f"cubefit_mpi {args.command}: error: {exc}\n")
+            sys.stderr.flush()
+        run_abort_hooks()              # release the write lock
         if comm.Get_size() > 1:
+            if exc.everywhere and rank != 0:   # rank 0 prints the line and releases the lock, then aborts
+                import time                    # the job, this rank with it (an abort from here could
+                                               # kill rank 0 first: no message, a lock left behind)
+                time.sleep(ABORT_WAIT_SEC)
             comm.Abort(exc.exit_code)
         os._exit(exc.exit_code)
+
+
+ABORT_WAIT_SEC = 30.0     # how long the other ranks wait for rank 0's abort after a write failure on every rank
+# commands that write the file named by their `file` argument (`run` locks its configured file itself)
+WRITING_COMMANDS = ("mock", "ingest", "build", "rebin", "convert-norm", "energy", "recompress", "weights",
+                    "solve", "recon", "uncertainty")
+WRITING_WITH = {"done": "invalidate", "velocity-bias": "apply"}    # commands that write only with this option
+
+
+def written_file(args) -> str | None:
+    """The file a command writes (it takes the one-writer lock on it), or None for readers.  Local."""
+    option = WRITING_WITH.get(args.command)
+    if args.command in WRITING_COMMANDS or (option is not None and getattr(args, option, None)):
+        return args.file
+    return None
 
 
 def run() -> None:

@@ -22,7 +22,13 @@ def cmd_run(args, comm) -> int:
             error = exc
     raise_if_any(error, comm)
     cfg = agree(cfg, comm)
-    report = run_pipeline(cfg, comm)
+    if cfg.get("file") is None:
+        report = run_pipeline(cfg, comm)          # refuses the configuration with its own message
+    else:
+        from ..io.lock import write_lock
+
+        with write_lock(cfg["file"], "run", comm):
+            report = run_pipeline(cfg, comm)
     if comm.Get_rank() == 0:
         for step, what, seconds in report:
             print(f"{step:8s} {what:8s} {seconds:8.1f}s")

@@ -28,7 +28,12 @@ class WriteFailure(RuntimeError):
     """Writing a file failed (disk full, quota, I/O error): exit code 1, with what is still valid.
 
     The HDF5 file is abandoned, not closed (closing a file whose writes failed can crash the
-    HDF5 library); the process ends at once after printing the message.
+    HDF5 library); the process ends at once after printing the message.  ``everywhere=True``
+    says every rank raised it together (then rank 0 alone prints it).
     """
 
     exit_code = 1
+
+    def __init__(self, message: str, *, everywhere: bool = False):
+        super().__init__(message)
+        self.everywhere = everywhere

@@ -114,6 +114,15 @@ class Knobs:
     rdcc_w0: float = _knob("CUBEFIT_RDCC_W0", 0.9, "chunk cache preemption policy", minimum=0.0, maximum=1.0)
     mpiio_hints: str = _knob("CUBEFIT_MPIIO_HINTS", "romio_cb_write=disable,romio_cb_read=disable",
                              "MPI-IO hints key=value,... for parallel files ('none': the MPI library's defaults)")
+    space_check: bool = _knob("CUBEFIT_SPACE_CHECK", True,
+                              "refuse a writing command when the file's folder has less free space than it will "
+                              "write plus CUBEFIT_SPACE_MARGIN_MB (exit 2)")
+    space_margin_mb: float = _knob("CUBEFIT_SPACE_MARGIN_MB", 4.0,
+                                   "free space kept beyond what a command writes, for HDF5 metadata (MiB)",
+                                   minimum=0.0)
+    fail_grace_sec: float = _knob("CUBEFIT_FAIL_GRACE_SEC", 5.0,
+                                  "seconds an exception inside a parallel file waits for the other ranks to "
+                                  "fail too before it aborts the job", minimum=0.0)
     rdcc_slots: int = _knob("CUBEFIT_RDCC_SLOTS", 1000003, "per-dataset chunk cache slots", minimum=1)
     rdcc_bytes: int = _knob("CUBEFIT_RDCC_BYTES", 268435456, "per-dataset chunk cache bytes", minimum=0)
     # --- processes & threads ----------------------------------------------------------------

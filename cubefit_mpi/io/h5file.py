@@ -7,10 +7,19 @@ Rules (see ``docs/CubeFit.md`` and the h5py/MPI recipes):
   serially.  File, dataset and attribute creation are collective: every rank makes the same call
   with the same values;
 * the main file is opened with the default (earliest) file format, so a file left open by a
-  killed job can be reopened without ``h5clear``.
+  killed job can be reopened without ``h5clear``;
+* a file opened for writing is flushed at the end of the block after its space was reserved
+  (:func:`~cubefit_mpi.io.space.reserved_flush`); a failed write (a full disk, a quota, an I/O
+  error) becomes a :class:`WriteFailure` and the file is abandoned, never closed: it stays as it
+  was at the last flush;
+* any other exception inside a parallel file waits up to ``CUBEFIT_FAIL_GRACE_SEC`` for every
+  rank to raise too (then the file is closed together); a rank that fails alone aborts the job
+  with its traceback (:mod:`cubefit_mpi.parallel.failure`) instead of closing the file alone,
+  which would hang the others.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -20,6 +29,7 @@ from typing import TYPE_CHECKING, Iterator
 from ..config.errors import InputError, WriteFailure
 from ..config.knobs import get_knobs
 from ..parallel.comm import get_comm, mpi
+from ..parallel.failure import FailureAgreement
 
 if TYPE_CHECKING:
     import h5py
@@ -96,17 +106,80 @@ def open_h5(path: str | os.PathLike, mode: str = "r", comm=None, *, retries: int
         time.sleep(backoff * 2 ** (attempt - 1))
     fileno = handle.id.fileno
     _PARALLEL_BY_FILENO[fileno] = comm.Get_size() > 1
+    agreement = FailureAgreement(comm)
     try:
         yield handle
+        if mode != "r":                # room for what the flush writes first: a full disk shows here, not in
+            from .space import reserved_flush      # a close that HDF5 may not survive
+
+            reserved_flush(handle, "this command's last changes", comm)
     except WriteFailure:
         _ABANDONED.append(handle)      # never close a file whose writes failed (HDF5 may crash)
+        quiet_write_errors()
         raise
-    except BaseException:
+    except BaseException as exc:
+        if mode != "r" and is_write_error(exc):
+            _ABANDONED.append(handle)
+            quiet_write_errors()
+            raise WriteFailure(f"{path}: writing failed ({write_reason(exc)}); is the disk full or the quota "
+                               f"exceeded? What this command had not finished is discarded, earlier results "
+                               f"are intact: free some space and rerun") from exc
+        agreement.settle(exc, f"inside the parallel file {path}")    # aborts unless every rank failed
         _PARALLEL_BY_FILENO.pop(fileno, None)
         handle.close()
         raise
+    agreement.free()
     _PARALLEL_BY_FILENO.pop(fileno, None)
     handle.close()
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS}
+_WRITE_WORDS = ("file write failed", "no space left", "disk quota exceeded", "write failed")
+
+
+def is_write_error(exc: BaseException) -> bool:
+    """True for an exception of a failed write (no space, quota, I/O error).  Local."""
+    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+        return True
+    if isinstance(exc, (OSError, RuntimeError)):
+        text = str(exc).lower()
+        return any(word in text for word in _WRITE_WORDS)
+    return False
+
+
+def quiet_write_errors() -> None:
+    """From now on, drop the tracebacks h5py prints when it frees objects of a file whose writes
+    failed (dozens on a full disk, through ``sys.excepthook`` and ``sys.unraisablehook``); other
+    errors are printed as before.  Local (the process is about to end, or to go on without the file)."""
+    import sys
+
+    if getattr(sys.excepthook, "_cubefit_quiet", False):
+        return
+    previous_hook, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+    def excepthook(exc_type, exc, tb):
+        if not is_write_error(exc):
+            previous_hook(exc_type, exc, tb)
+
+    def unraisablehook(unraisable):
+        if not is_write_error(unraisable.exc_value):
+            previous_unraisable(unraisable)
+
+    excepthook._cubefit_quiet = True
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
+def write_reason(exc: BaseException) -> str:
+    """``No space left on device`` (from the errno) or the first line of the message.  Local."""
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    return first_line(exc).split(" (file write failed")[0]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (HDF5's run over several).  Local."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 def open_uncached(f, name: str):

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,7 @@ def _wavelengths(header, axis: int, n: int, what: str, *, unit_required: bool) -
             unit = None
         if unit is None or not any(unit == u.Unit(name) for name in ("Angstrom", "nm", "um")):
             raise InputError(f"{what}: {key}={raw!r} is not a wavelength unit; expected Angstrom or nm")
+    _require_spectral_wcs(header, axis, what)
     ctype = str(header.get(f"CTYPE{axis}", "")).strip().upper()
     if ctype.split("-")[0] not in ("AWAV", "WAVE", "LINEAR", ""):
         raise InputError(f"{what}: CTYPE{axis}={ctype!r}; expected a wavelength axis (AWAV or WAVE)")
@@ -61,6 +63,44 @@ def _wavelengths(header, axis: int, n: int, what: str, *, unit_required: bool) -
     if not np.all(np.isfinite(lam)) or lam[0] <= 0 or np.any(np.diff(lam) <= 0):
         raise InputError(f"{what}: wavelengths must be positive and increasing along axis {axis}")
     return lam, ctype
+
+
+@contextmanager
+def _quiet():
+    """No warnings (astropy's about a damaged file: the caller refuses it with one line).  Local."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _require_whole_data(hdu, path: str, what: str) -> None:
+    """The file holds all the bytes of ``hdu``'s data (a truncated FITS file is refused).  Local."""
+    need = int(np.prod(hdu.shape, dtype=np.int64)) * abs(int(hdu.header.get("BITPIX", 8))) // 8
+    start = int(hdu.fileinfo()["datLoc"])
+    have = os.path.getsize(path)
+    if start + need > have:
+        raise InputError(f"{what}: truncated: extension {hdu.name or 'PRIMARY'} needs {start + need} bytes, the "
+                         f"file has {have}")
+
+
+def _require_spectral_wcs(header, axis: int, what: str) -> None:
+    """The header gives the spectral step (``CDi_i``, else ``CDELTi``), reference pixel (``CRPIXi``)
+    and value (``CRVALi``) of axis ``i``: no default (1 Å per pixel, pixel 0) is ever assumed.  Local."""
+    cd, cdelt = f"CD{axis}_{axis}", f"CDELT{axis}"
+    key = cd if cd in header else cdelt if cdelt in header else None
+    if key is None:
+        raise InputError(f"{what}: {cdelt} (or {cd}) missing from the header; the spectral step per pixel "
+                         f"is needed (no 1 per pixel default is assumed)")
+    try:
+        step = float(header[key])
+    except (TypeError, ValueError):
+        step = float("nan")
+    if not np.isfinite(step) or step == 0.0:
+        raise InputError(f"{what}: {key}={header[key]!r}; expected a finite, non-zero spectral step per pixel")
+    for ref in (f"CRPIX{axis}", f"CRVAL{axis}"):
+        if ref not in header:
+            raise InputError(f"{what}: {ref} missing from the header; the spectral reference "
+                             f"{'pixel' if ref.startswith('CRPIX') else 'wavelength'} is needed")
 
 
 @dataclass
@@ -88,7 +128,7 @@ def read_cube_header(path: str) -> CubeInfo:
     if not os.path.isfile(path):
         raise InputError(f"{what}: no such file")
     try:
-        with fits.open(path, memmap=True, lazy_load_hdus=False) as hdul:
+        with _quiet(), fits.open(path, memmap=True, lazy_load_hdus=False) as hdul:    # truncation: refused below
             names = [h.name.upper() for h in hdul]
             if "DATA" in names:
                 data_ext = names.index("DATA")
@@ -102,6 +142,9 @@ def read_cube_header(path: str) -> CubeInfo:
             stat_ext = names.index("STAT") if "STAT" in names else None
             if stat_ext is not None and hdul[stat_ext].shape != hdu.shape:
                 raise InputError(f"{what}: STAT shape {hdul[stat_ext].shape} differs from DATA {hdu.shape}")
+            for ext in (data_ext, stat_ext):
+                if ext is not None:
+                    _require_whole_data(hdul[ext], path, what)
             header = hdu.header.copy()
             stat_bunit = str(hdul[stat_ext].header.get("BUNIT", "")) if stat_ext is not None else ""
             shape = tuple(int(n) for n in hdu.shape)

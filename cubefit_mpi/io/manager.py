@@ -11,7 +11,7 @@ from ..numerics.rebin import REBIN_MODES, rebin_operator
 from ..parallel.comm import get_comm
 from . import layout as lay
 from .blocks import write_owned_rows
-from .datasets import replace_dataset
+from .datasets import staged_dataset
 from .h5file import open_h5
 from .layout import H5Dims
 
@@ -158,8 +158,8 @@ class H5Manager:
             vel = np.asarray(f[lay.VEL_PIX][...]) if lay.VEL_PIX in f else None
         check_grids(tem, obs, vel)
         dense = rebin_operator(tem, obs, mode).toarray()
-        with open_h5(self.path, "r+", self.comm) as f:
-            dset = replace_dataset(f, lay.R_T, dense.shape, "f8")
+        with open_h5(self.path, "r+", self.comm) as f, \
+                staged_dataset(f, lay.R_T, dense.shape, "f8", self.comm) as dset:   # the old one valid until done
             write_owned_rows(dset, dense, self.comm)
             dset.attrs["rebin.mode"] = mode
             dset.attrs["orientation"] = "(T, L): observed = templates @ R_T"

@@ -14,7 +14,7 @@ import numpy as np
 from ..numerics.polynomials import BASIS_DEFINITION
 from ..numerics.reconstruction import x_checksum
 from . import layout as lay
-from .blocks import write_block
+from .datasets import write_small
 from .h5file import open_h5
 
 NAMES = {"add": lay.ADD_POLY, "mult": lay.MULT_POLY}
@@ -26,20 +26,20 @@ def write_polynomials(path: str, x: np.ndarray, coefficients: dict, attrs: dict 
 
     ``attrs`` go on the multiplicative coefficients (the fit's iterations and history).
     """
-    root = comm.Get_rank() == 0
+    items = []
+    for key, name in NAMES.items():
+        values = coefficients.get(key)
+        if values is None:
+            continue
+        degree = values.shape[1] - 1 if key == "add" else values.shape[1]
+        extra = {"degree": int(degree), "basis": BASIS_DEFINITION, "x_crc32": x_checksum(x)}
+        items.append((name, np.asarray(values, dtype=np.float64), {**extra, **((attrs or {}) if key == "mult" else {})}))
     with open_h5(path, "r+", comm) as f:
+        if items:
+            write_small(f, items, comm, "the polynomials")
         for key, name in NAMES.items():
-            if name in f:
+            if coefficients.get(key) is None and name in f:
                 del f[name]
-            values = coefficients.get(key)
-            if values is None:
-                continue
-            dset = f.create_dataset(name, shape=values.shape, dtype="f8")
-            write_block(dset, (0, 0) if root else None, values if root else None)
-            degree = values.shape[1] - 1 if key == "add" else values.shape[1]
-            dset.attrs.update({"degree": int(degree), "basis": BASIS_DEFINITION, "x_crc32": x_checksum(x)})
-            if key == "mult":
-                dset.attrs.update(attrs or {})
 
 
 def read_polynomials(f, n_spec: int, x_cp: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None, str]:

@@ -198,8 +198,10 @@ def latest_snapshot(main_path, n_params: int | None = None):
 
     Returns
     -------
-    ``(x (N,) float64, epoch, sidecar_path)`` or None.  "Newest" is by recorded epoch, then by
-    sidecar start time and snapshot sequence -- never by file time.  Unreadable or corrupt
+    ``(x (N,) float64, epoch, sidecar_path)`` or None.  "Newest" is the most recent snapshot
+    (highest sequence number) of the latest run (the sidecar started last, by the timestamp in
+    its name) that has one -- never by epoch number across runs (a later run restarted from
+    epoch 1 is newer than an earlier run's epoch 9), never by file time.  Unreadable or corrupt
     sidecars, snapshots whose CRC-32 does not match (a writer killed mid-write) and snapshots
     of the wrong length are skipped.
     """
@@ -212,12 +214,12 @@ def latest_snapshot(main_path, n_params: int | None = None):
             _LOG.debug("skipping sidecar %s: %s", path, exc)
             continue
         for epoch, seq, x in candidates:
-            key = (epoch, order, seq)
+            key = (order, seq, epoch)
             if best is None or key > best[0]:
                 best = (key, x, path)
     if best is None:
         return None
-    return best[1], best[0][0], best[2]
+    return best[1], best[0][2], best[2]
 
 
 class SidecarWriter:

@@ -13,7 +13,7 @@ from ..config.errors import InputError
 from ..numerics.kernels import velocity_to_shift
 from ..numerics.wavelength_grids import pixel_edges
 from ..parallel.collectives import raise_if_any
-from ..parallel.comm import get_comm
+from ..parallel.comm import get_comm, mpi
 from ..parallel.decomposition import block_range
 from . import layout as lay
 
@@ -150,17 +150,23 @@ def validate_inputs(f, *, need=INPUTS_FOR_BUILD, check_data: bool = True, comm=N
     except InputError as exc:
         error = exc
     raise_if_any(error, comm)
+    any_nonzero = False
     try:
         dims = info["dims"]
         start, stop = block_range(dims.S, comm.Get_size(), comm.Get_rank())
         for lo in range(start, stop, slab_rows):
             hi = min(lo + slab_rows, stop)
-            check_losvd_values(np.asarray(f[lay.LOSVD][lo:hi]), lay.LOSVD, offset=lo)
+            losvd = np.asarray(f[lay.LOSVD][lo:hi])
+            check_losvd_values(losvd, lay.LOSVD, offset=lo)
+            any_nonzero = any_nonzero or bool(np.any(losvd != 0))
             if check_data and lay.DATACUBE in f:
                 check_data_values(np.asarray(f[lay.DATACUBE][lo:hi]), info["mask"], lay.DATACUBE, offset=lo)
     except InputError as exc:
         error = exc
     raise_if_any(error, comm)
+    if not (comm.allreduce(any_nonzero, op=mpi().LOR) if comm.Get_size() > 1 else any_nonzero):
+        raise InputError(f"{lay.LOSVD}: every value is zero, so every model spectrum would be zero (the fit "
+                         f"would be x = 0); expected at least one non-zero LOSVD")
     return info
 
 

@@ -29,6 +29,29 @@ def mpi():
     return MPI
 
 
+_ON_ABORT: list = []          # callables run (best effort) just before MPI_Abort, e.g. releasing a lock
+
+
+def on_abort(fn) -> None:
+    """Run ``fn()`` before this process aborts the job (release a lock file, ...).  Local."""
+    _ON_ABORT.append(fn)
+
+
+def forget_on_abort(fn) -> None:
+    """Undo :func:`on_abort`.  Local."""
+    if fn in _ON_ABORT:
+        _ON_ABORT.remove(fn)
+
+
+def run_abort_hooks() -> None:
+    """Run the :func:`on_abort` callables, ignoring their errors.  Local."""
+    for fn in list(_ON_ABORT):
+        try:
+            fn()
+        except Exception:          # noqa: BLE001 -- the job is ending; the traceback that matters is printed
+            pass
+
+
 def install_abort_excepthook(comm=None) -> None:
     """Make an uncaught exception on any rank abort the whole job instead of hanging it.  Collective-free.
 
@@ -45,6 +68,7 @@ def install_abort_excepthook(comm=None) -> None:
             sys.stderr.write(f"[rank {comm.Get_rank()}] uncaught exception, aborting the job:\n")
             previous(exc_type, exc, tb)
             sys.stderr.flush()
+            run_abort_hooks()
             time.sleep(0.5)          # let the launcher forward the traceback before the kill
         finally:
             comm.Abort(1)

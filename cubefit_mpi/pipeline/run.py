@@ -1,10 +1,11 @@
 """Stage ``run``: the whole pipeline from a configuration file, resumable.
 
 ``cubefit_mpi run cubefit.yaml`` executes ingest → build → weights → solve → recon → plots (the
-steps listed in the file, always in that order).  After each step a digest of its options and
-of everything upstream (the input files' checksums for ingest) is stored as an attribute of the
-group ``/Pipeline``; a rerun skips every step whose digest is unchanged and whose outputs are
-complete, so a run killed half-way resumes where it stopped (the builder also resumes inside
+steps listed in the file, always in that order).  After each step a digest of its options, of
+everything upstream (the input files' checksums for ingest) and of the content of every dataset
+it reads (:func:`step_reads`, e.g. ``/DataCube``, ``/Mask``, ``/LOSVD``, the templates) is stored
+as an attribute of the group ``/Pipeline``; a rerun skips every step whose digest is unchanged and
+whose outputs are complete (an in-place edit of an input therefore re-runs the steps that read it), so a run killed half-way resumes where it stopped (the builder also resumes inside
 its step).  Knobs of the file's ``knobs:`` section are exported before the first step.
 """
 from __future__ import annotations
@@ -67,6 +68,37 @@ def _outputs_complete(path: str, step: str, cfg: dict, comm) -> bool:
     return False
 
 
+def step_reads(step: str, cfg: dict) -> tuple[str, ...]:
+    """The datasets whose content a step's result depends on (an in-place edit re-runs it).  Local."""
+    from ..config.knobs import get_knobs
+
+    weights = get_knobs().lambda_weights_dset
+    if step == "build":
+        data = (lay.DATACUBE, lay.DATA_FLUX) if cfg["build"]["norm_mode"] == "data" else ()
+        return (lay.TEMPLATES, lay.TEM_PIX, lay.OBS_PIX, lay.VEL_PIX, lay.LOSVD, lay.R_T) + data
+    if step == "weights":
+        return (lay.DATACUBE, lay.MASK, lay.OBS_PIX)
+    if step == "solve":
+        return (lay.MODELS, lay.DATACUBE, lay.MASK, weights, lay.TEMPLATES)
+    if step == "recon":
+        return (lay.MODELS, lay.X_GLOBAL, lay.DATACUBE, lay.MASK, weights)
+    if step == "plots":
+        return (lay.X_GLOBAL, cfg["recon"]["dataset"], lay.DATACUBE, lay.MASK)
+    return ()
+
+
+def _step_key(step: str, cfg: dict, upstream: str, comm) -> str:
+    """The digest of a step's options, what ran before it and the content of what it reads.  Collective."""
+    contents = {}
+    reads = step_reads(step, cfg)
+    if reads and os.path.exists(cfg["file"]):
+        from ..io.content import content_digest
+
+        with open_h5(cfg["file"], "r", comm) as f:
+            contents = content_digest(f, reads, comm)
+    return agree(_digest(_upstream_key(step, cfg, upstream), contents) if comm.Get_rank() == 0 else None, comm)
+
+
 def _upstream_key(step: str, cfg: dict, upstream: str) -> str:
     if step == "ingest":
         from ..io.ingest_readers import file_provenance
@@ -97,29 +129,32 @@ def run_pipeline(cfg: dict, comm=None) -> list[tuple[str, str, float]]:
         if cfg[step].get("enable", True) is False:
             report.append((step, "disabled", 0.0))
             continue
-        key = agree(_upstream_key(step, cfg, upstream) if comm.Get_rank() == 0 else None, comm)
-        if _stored_digest(path, step, comm) == key and _outputs_complete(path, step, cfg, comm):
+        key = _step_key(step, cfg, upstream, comm)
+        stored = _stored_digest(path, step, comm)
+        if stored == key and _outputs_complete(path, step, cfg, comm):
             _LOG.info("step %s: complete and current, skipped", step)
             report.append((step, "skipped", 0.0))
             upstream = key
             continue
-        _LOG.info("step %s: running", step)
+        _LOG.info("step %s: running%s", step, "" if stored is None else " (its options or inputs changed)")
         t0 = time.perf_counter()
-        _run_step(step, cfg, comm)
+        _run_step(step, cfg, comm, changed=stored is not None and stored != key)
         seconds = time.perf_counter() - t0
+        key = _step_key(step, cfg, upstream, comm)        # what it read, as it left it (build may add /R_T)
         _record(path, step, key, seconds, comm)
         report.append((step, "ran", seconds))
         upstream = key
     return report
 
 
-def _run_step(step: str, cfg: dict, comm) -> None:
+def _run_step(step: str, cfg: dict, comm, *, changed: bool = False) -> None:
+    """Run one step; ``changed``: it completed before, on other options or inputs.  Collective."""
     path = cfg["file"]
     opts = cfg[step]
     if step == "ingest":
         from ..stages.ingest import IngestOptions, run_ingest
 
-        run_ingest(path, IngestOptions.from_config(opts), comm=comm)
+        run_ingest(path, IngestOptions.from_config(opts), comm=comm, replace=True)   # its inputs changed
     elif step == "build":
         from ..io.manager import H5Manager
         from ..stages.build import build_hypercube
@@ -129,11 +164,12 @@ def _run_step(step: str, cfg: dict, comm) -> None:
         build_hypercube(path, norm_mode=opts["norm_mode"], amp_mode=opts["amp_mode"],
                         S_chunk=opts["s_chunk"] or None, C_chunk=opts["c_chunk"] or None,
                         P_chunk=opts["p_chunk"] or None, compression=compression, comm=comm,
-                        force=not opts["resume"])
+                        force=not opts["resume"] or changed)     # a finished build on other inputs: rebuild
     elif step == "weights":
         from ..stages.weights import ensure_lambda_weights
 
-        ensure_lambda_weights(path, small=opts["small"], large=opts["large"], min_w=opts["min_w"], comm=comm)
+        ensure_lambda_weights(path, small=opts["small"], large=opts["large"], min_w=opts["min_w"], comm=comm,
+                              force=changed)
     elif step == "solve":
         from .runner import PipelineRunner
 

@@ -94,7 +94,10 @@ class _blas_limits:
     def __init__(self, threads):
         from ..config.knobs import get_knobs
 
-        self.threads = threads if threads is not None else (get_knobs().blas_threads or None)
+        from ..config.options import check_number
+
+        given = check_number("--blas-threads", threads, minimum=1, integer=True)
+        self.threads = given if given is not None else (get_knobs().blas_threads or None)
         self.ctx = None
 
     def __enter__(self):

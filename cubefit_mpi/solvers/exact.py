@@ -24,8 +24,10 @@ from ..config.knobs import get_knobs
 from ..config.options import check_number, keyword_checked
 from ..io import layout as lay
 from ..io.blocks import write_block
+from ..io.datasets import staged_bytes, staged_datasets, write_small
 from ..io.h5file import open_h5
 from ..io.polynomials import write_polynomials
+from ..io.space import require_free_space
 from ..numerics.regularization import Regularization
 from ..parallel.comm import get_comm
 from ..parallel.comm import ranks_on_node
@@ -64,15 +66,19 @@ def parse_orbit_weights(spec, n_comp: int, path: str | None = None) -> np.ndarra
     if spec is None:
         return None
     if isinstance(spec, str):
-        if spec.startswith("/"):
+        if os.path.isfile(spec):           # an existing file wins, even an absolute path such as /data/w.npy
+            try:
+                values = np.load(spec).ravel() if spec.endswith(".npy") else np.loadtxt(spec).ravel()
+            except (OSError, ValueError) as exc:
+                raise InputError(f"--orbit-weights {spec}: not a readable .npy or text file of numbers "
+                                 f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        elif spec.startswith("/"):
             import h5py
 
             with h5py.File(path, "r") as f:
                 if spec not in f:
                     raise InputError(f"--orbit-weights {spec}: no such dataset in {path}")
                 values = np.asarray(f[spec][...], dtype=np.float64).ravel()
-        elif os.path.exists(spec):
-            values = np.load(spec).ravel() if spec.endswith(".npy") else np.loadtxt(spec).ravel()
         else:
             try:
                 values = np.array([float(v) for v in spec.split(",")])
@@ -118,18 +124,12 @@ def gram_system(inputs: SolveInputs, *, use_cache: bool = True, comm=None) -> di
     system = normal_equations(inputs, comm)
     system["from_cache"] = False
     n = inputs.n_params
-    with open_h5(inputs.path, "r+", comm) as f:
-        for name, shape in ((GRAM, (n, n)), (RHS, (n,))):
-            if name in f:
-                del f[name]
-            f.create_dataset(name, shape=shape, dtype="f8")
+    with open_h5(inputs.path, "r+", comm) as f, \
+            staged_datasets(f, [(GRAM, (n, n), "f8"), (RHS, (n,), "f8")], comm, "the Gram cache") as staged:
         root = comm.Get_rank() == 0
-        write_block(f[GRAM], (0, 0) if root else None, system["gram"] if root else None)
-        write_block(f[RHS], (0,) if root else None, system["rhs"] if root else None)
-        for key, value in inputs.provenance.items():
-            f[GRAM].attrs[key] = value
-        f[GRAM].attrs["yy"] = system["yy"]
-        f[GRAM].attrs["complete"] = True
+        write_block(staged[GRAM], (0, 0) if root else None, system["gram"] if root else None)
+        write_block(staged[RHS], (0,) if root else None, system["rhs"] if root else None)
+        staged[GRAM].attrs.update({**inputs.provenance, "yy": system["yy"], "complete": True})
     return system
 
 
@@ -182,6 +182,7 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
 
         _LOG.info(weights_banner(inputs.weights, inputs.mask))
     method, budget = _choose_method(exact_method, inputs.n_params, comm)
+    _check_space(inputs, method, targets, use_cache, comm)
     _LOG.info("exact solve of N=%d (C=%d, P=%d) by the %s method on %d rank(s)", inputs.n_params, inputs.C,
               inputs.P, method, comm.Get_size())
     x, stats = _solve(method, inputs, reg, budget=budget, tol=tol, use_cache=use_cache, comm=comm)
@@ -215,6 +216,18 @@ def _check_terms(ridge, regul, regul_order, orbit_weights, orbit_strength) -> tu
     if regul_order not in (1, 2):
         raise InputError(f"--regul-order {regul_order}: expected 1 or 2")
     return ridge, regul, orbit_strength
+
+
+def _check_space(inputs: SolveInputs, method: str, targets, use_cache: bool, comm) -> None:
+    """Refuse before the pass when the results (and a Gram cache to write) will not fit.  Collective."""
+    n, c = inputs.n_params, inputs.C
+    specs = [(lay.X_GLOBAL, (n,), "f8"), (COMPONENT_TOTALS, (c,), "f8")]
+    specs += [(ORBIT_WEIGHTS, (c,), "f8")] if targets is not None else []
+    with open_h5(inputs.path, "r", comm) as f:
+        if method == "gram" and not (use_cache and _cache_matches(f, inputs.provenance)):
+            specs += [(GRAM, (n, n), "f8"), (RHS, (n,), "f8")]
+        need = staged_bytes(f, specs)
+    require_free_space(inputs.path, need, "solve", comm)
 
 
 def _choose_method(exact_method: str, n: int, comm) -> tuple[str, int]:
@@ -298,25 +311,18 @@ def _write_solution(path: str, x: np.ndarray, stats: dict, targets, comm) -> Non
     """``/X_global``, ``/Solve`` attributes, component totals (and orbit targets).  Collective."""
     root = comm.Get_rank() == 0
     with open_h5(path, "r+", comm) as f:
-        items = [(lay.X_GLOBAL, x), (COMPONENT_TOTALS, stats["component_totals"])]
+        items = [(lay.X_GLOBAL, x, {"method": "exact", "chi2": stats["chi2"], "layout": "row-major (C, P)",
+                                    "add_degree": int(stats.get("poly.add_degree", -1)),
+                                    "mult_degree": int(stats.get("poly.mult_degree", 0))}),
+                 (COMPONENT_TOTALS, stats["component_totals"], None)]
         if targets is not None:
-            items.append((ORBIT_WEIGHTS, targets))
-        for name, values in items:
-            if name in f and f[name].shape != values.shape:
-                del f[name]
-            if name not in f:
-                f.create_dataset(name, shape=values.shape, dtype="f8")
-            write_block(f[name], (0,) if root else None, values if root else None)
+            items.append((ORBIT_WEIGHTS, targets, None))
+        write_small(f, items, comm, "the solution")
         group = f.require_group(lay.SOLVE)
         for key, value in stats.items():
             if isinstance(value, (bool, np.bool_, int, float, str, np.integer, np.floating)):
                 group.attrs[key] = value
         group.attrs["solved_at"] = comm.bcast(time.strftime("%Y-%m-%dT%H:%M:%S") if root else None)
-        f[lay.X_GLOBAL].attrs["method"] = "exact"
-        f[lay.X_GLOBAL].attrs["add_degree"] = int(stats.get("poly.add_degree", -1))
-        f[lay.X_GLOBAL].attrs["mult_degree"] = int(stats.get("poly.mult_degree", 0))
-        f[lay.X_GLOBAL].attrs["chi2"] = stats["chi2"]
-        f[lay.X_GLOBAL].attrs["layout"] = "row-major (C, P)"
 
 
 def _log_summary(stats: dict) -> None:

@@ -27,12 +27,13 @@ from ..config.errors import InputError
 from ..config.options import check_number, keyword_checked
 from ..io import layout as lay
 from ..io.blocks import read_block, write_block
-from ..io.datasets import allocated_now, staged_dataset
+from ..io.datasets import allocated_now, staged_datasets
 from ..io.h5file import open_h5
+from ..io.space import dataset_bytes, file_size, require_free_space, reserved_flush
 from ..numerics import bootstrap as bs
 from ..numerics.digest import array_digest
 from ..numerics.regularization import Regularization
-from ..parallel.collectives import allreduce_sum, bcast_array
+from ..parallel.collectives import agree, allreduce_sum, bcast_array
 from ..parallel.comm import get_comm
 from ..parallel.decomposition import padded_schedule
 from .exact import ORBIT_WEIGHTS, gram_system, population_shape
@@ -172,9 +173,20 @@ def _read_fit(path: str, method: str, comm) -> dict:
 
 
 def _prepare(path: str, n: int, replicates: int, params: dict, comm) -> list:
-    """Create (or keep, or extend) ``/Uncertainty/replicates`` and its flags; the pending indices.  Collective."""
+    """Create (or keep, or extend) ``/Uncertainty/replicates`` and its flags; the pending indices.  Collective.
+
+    The free space for the new rows is checked first (exit 2), and their bytes (allocated when
+    created or extended) are reserved before the flush that records them
+    (:func:`~cubefit_mpi.io.space.reserved_flush`): a full disk costs this run's rows only.
+    """
+    with open_h5(path, "r", comm) as f:
+        same = _same_run(f, params)
+        have = int(f[REPLICATES].shape[0]) if same else 0
+    require_free_space(path, dataset_bytes((max(replicates - have, 0), n), "f4") + max(replicates - have, 0),
+                       f"bootstrap replicates ({GROUP})", comm)
+    start = agree(file_size(path) if comm.Get_rank() == 0 else None, comm)
     with open_h5(path, "r+", comm) as f:
-        same = REPLICATES in f and all(str(f[REPLICATES].attrs.get(k)) == str(v) for k, v in params.items())
+        same = _same_run(f, params)
         if not same:
             if GROUP in f:
                 del f[GROUP]
@@ -189,8 +201,13 @@ def _prepare(path: str, n: int, replicates: int, params: dict, comm) -> list:
             f[REPLICATES].resize(replicates, axis=0)
             f[DONE].resize(replicates, axis=0)
         done = np.asarray(f[DONE][...], dtype=bool)
-        f.flush()
+        reserved_flush(f, f"bootstrap replicates ({GROUP})", comm, start, [f[REPLICATES], f[DONE]])
     return [int(r) for r in np.flatnonzero(~done[:replicates])]
+
+
+def _same_run(f, params: dict) -> bool:
+    """``/Uncertainty/replicates`` exists and was drawn with ``params``.  Local."""
+    return REPLICATES in f and all(str(f[REPLICATES].attrs.get(k)) == str(v) for k, v in params.items())
 
 
 def _residuals(path: str, inputs, x_hat: np.ndarray, method: str, comm):
@@ -249,10 +266,10 @@ def _write_rows(path: str, rows: dict, todo: list, comm) -> None:
         for first, stop in runs:
             block = np.stack([rows[r] for r in range(first, stop)]).astype(np.float32) if root else None
             write_block(f[REPLICATES], (first, 0) if root else None, block)
-        f.flush()
+        reserved_flush(f, "bootstrap replicates", comm)          # rows in allocated space; the flush's room first
         for first, stop in runs:
             write_block(f[DONE], (first,) if root else None, np.ones(stop - first, np.uint8) if root else None)
-        f.flush()
+        reserved_flush(f, "bootstrap replicates", comm)
 
 
 def _runs(indices: list) -> list:
@@ -273,11 +290,12 @@ def _summarise(path: str, inputs, comm) -> dict:
     if comm.Get_rank() == 0:
         results = _statistics(path, inputs.C, inputs.P)
     results = comm.bcast(results, root=0)
+    specs = [(f"{GROUP}/{name}", values.shape, "f8") for name, values in results["arrays"].items()]
     with open_h5(path, "r+", comm) as f:
         root = comm.Get_rank() == 0
-        for name, values in results["arrays"].items():
-            with staged_dataset(f, f"{GROUP}/{name}", values.shape, "f8") as dset:
-                write_block(dset, (0,) * values.ndim if root else None, values if root else None)
+        with staged_datasets(f, specs, comm, f"the bootstrap summary ({GROUP})") as staged:   # all or none
+            for name, values in results["arrays"].items():
+                write_block(staged[f"{GROUP}/{name}"], (0,) * values.ndim if root else None, values if root else None)
         group = f[GROUP]
         group.attrs["n_replicates"] = results["n"]
         group.attrs["definition"] = ("replicates of the exact fit: y* = A x_hat + e* (see docs/CubeFit.md, "

@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 
-from ..config.errors import InputError
 from ..io.h5file import h5py_module, open_h5
+from ..io.space import require_free_space
 from ..parallel.collectives import agree, raise_if_any
 from ..parallel.comm import get_comm, mpi
 
@@ -154,11 +154,8 @@ def _compact_here(path: str) -> dict:
     before = os.path.getsize(path) if os.path.exists(path) else 0
     try:
         with open_h5(path, "r", mpi().COMM_SELF) as src:
-            need = _storage_bytes(src)
-            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-            if need > free:
-                raise InputError(f"{path}: compaction needs about {need} bytes free next to it, "
-                                 f"{free} are; the file is unchanged")
+            require_free_space(path, _storage_bytes(src), "recompress --compact (a copy of the whole file)",
+                               mpi().COMM_SELF)            # exit 2, both sizes named: the file is unchanged
             with h5py.File(tmp, "w") as dst:    # the default (earliest) format, like the original
                 members = _copy_all(src, dst)
             with h5py.File(tmp, "r") as dst:

@@ -1,5 +1,7 @@
 """Stage ``convert-norm``: flip a built hypercube between ``norm="model"`` and ``norm="data"`` in
-place, with no FFT, resumable and idempotent per tile.
+place, with no FFT, resumable and idempotent per tile.  A compressed cube is refused (exit 2, with
+the ``recompress`` commands that make it convertible): its chunks cannot be rewritten in place
+without changing HDF5 metadata, which no journal protects from a kill.
 
 ``models[s] *= F[s]`` (:func:`~cubefit_mpi.numerics.normalization.norm_factor`) over S-tiles
 dealt to the ranks.  A kill at any moment must neither scale a tile twice nor leave one half
@@ -28,9 +30,10 @@ from ..io import layout as lay
 from ..io.blocks import read_block, write_block
 from ..io.datasets import allocated_now, replace_dataset
 from ..io.h5file import open_h5
+from ..io.space import dataset_bytes, file_size, require_free_space, reserved_flush
 from ..io.hypercube_state import CONVERTING_ATTR, ENERGY_STALE, mark_models_changed, require_usable_models
 from ..numerics.normalization import NORM_MODES, masked_mean_flux, norm_factor
-from ..parallel.collectives import allreduce_sum
+from ..parallel.collectives import agree, allreduce_sum
 from ..parallel.comm import get_comm
 from ..parallel.decomposition import block_range, padded_schedule, tile_bounds
 
@@ -77,6 +80,7 @@ def convert_hypercube_norm(path: str, to_mode: str, recompute_energy: bool = Tru
         raise InputError(f"--to {to_mode}: expected one of {', '.join(NORM_MODES)}")
     with open_h5(path, "r", comm) as f:
         plan = _plan(f, path, to_mode, comm)
+        have_backup = BACKUP in f and f[BACKUP].shape[0] >= comm.Get_size()
     if plan is None:
         with open_h5(path, "r", comm) as f:
             mode = str(f[lay.HYPERCUBE].attrs.get("norm.mode", ""))
@@ -91,10 +95,13 @@ def convert_hypercube_norm(path: str, to_mode: str, recompute_energy: bool = Tru
 
             energy = recompute_col_energy(path, comm=comm)
         return {"converted": False, "norm.mode": mode, "col_energy": energy, "tiles": 0, "recovered": 0}
+    journal = 0 if have_backup else dataset_bytes((comm.Get_size(), max(b - a for a, b in plan.tiles)) + plan.shape[1:], "f4")
+    require_free_space(path, journal, "convert-norm (its per-rank tile backups)", comm)
+    start = agree(file_size(path) if comm.Get_rank() == 0 else None, comm)
     with open_h5(path, "r+", comm) as f:
-        _start(f, plan, comm)
+        _start(f, plan, comm, start)
         recovered = _restore_interrupted(f, plan, comm)
-        _ensure_slots(f, plan, comm)
+        _ensure_slots(f, plan, comm, start)
         _convert_tiles(f, plan, comm)
         _finish(f, plan, comm)
     energy = None
@@ -119,6 +126,8 @@ def _plan(f, path: str, to_mode: str, comm) -> _Conversion | None:
                          f"`cubefit_mpi convert-norm {path} --to {converting}`")
     if current == to_mode and not converting:
         return None
+    if not converting:
+        _refuse_filtered(models, path, to_mode)
     if lay.LOSVD_AMP_SUM not in f:
         raise InputError(f"{lay.LOSVD_AMP_SUM}: dataset missing; rebuild with `cubefit_mpi build {path} --force`")
     amp_sum = np.asarray(f[lay.LOSVD_AMP_SUM][...], dtype=np.float64)
@@ -143,7 +152,24 @@ def _plan(f, path: str, to_mode: str, comm) -> _Conversion | None:
                        tile_bounds(models.shape[0], s_chunk), tuple(models.shape))
 
 
-def _start(f, plan: _Conversion, comm) -> None:
+def _refuse_filtered(models, path: str, to_mode: str) -> None:
+    """Refuse a compressed (filtered) hypercube.  Local.
+
+    Rewriting a compressed chunk in place makes HDF5 allocate it anew and update the chunk index
+    and the file's free space: metadata that a kill or a full disk can leave half-written, which
+    the tile journal cannot undo.  Only an uncompressed cube (chunks allocated once, rewritten in
+    place: raw data only) is converted in place.
+    """
+    filters = models.id.get_create_plist().get_nfilters()
+    if filters:
+        label = str(models.file[lay.HYPERCUBE].attrs.get("compression", models.compression or "filtered"))
+        raise InputError(f"{lay.MODELS}: compressed ({label}); convert-norm rewrites the cube in place, which is "
+                         f"crash-safe only uncompressed: run `cubefit_mpi recompress {path} --compression none`, "
+                         f"`cubefit_mpi convert-norm {path} --to {to_mode}`, then `cubefit_mpi recompress {path} "
+                         f"--compression {label}`")
+
+
+def _start(f, plan: _Conversion, comm, start: int) -> None:
     """Create the journal and set ``norm.converting_to``, flushed, before any tile is touched.  Collective.
 
     A resumed conversion keeps its journal.  A journal without ``_convert_state`` means the kill
@@ -166,7 +192,7 @@ def _start(f, plan: _Conversion, comm) -> None:
         write_block(dset, (0,) if root else None, plan.flux if root else None)
     _make_backup(f, plan, comm)
     f[lay.HYPERCUBE].attrs[CONVERTING_ATTR] = plan.target
-    f.flush()
+    reserved_flush(f, "the convert-norm journal", comm, start, [f[BACKUP]])   # no room: nothing written yet
 
 
 def _make_backup(f, plan: _Conversion, comm) -> None:
@@ -178,11 +204,13 @@ def _make_backup(f, plan: _Conversion, comm) -> None:
                      fill_time="never")
 
 
-def _ensure_slots(f, plan: _Conversion, comm) -> None:
+def _ensure_slots(f, plan: _Conversion, comm, start: int) -> None:
     """A backup with a slot for every rank of this run (after the restore, no backup is needed).  Collective."""
     if BACKUP not in f or f[BACKUP].shape[0] < comm.Get_size():
+        reserved_flush(f, "the convert-norm backups", comm)
+        start = agree(file_size(f.filename) if comm.Get_rank() == 0 else None, comm)
         _make_backup(f, plan, comm)
-        f.flush()
+        reserved_flush(f, "the convert-norm backups", comm, start, [f[BACKUP]])
 
 
 def _deal(indices: list, comm) -> list:

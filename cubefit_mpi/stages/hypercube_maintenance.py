@@ -15,8 +15,9 @@ import numpy as np
 from ..config.errors import InputError
 from ..io import layout as lay
 from ..io.blocks import read_block, write_block
-from ..io.datasets import parse_compression
+from ..io.datasets import parse_compression, write_small
 from ..io.h5file import open_h5
+from ..io.space import dataset_bytes, require_free_space
 from ..io.hypercube_state import (ENERGY_STALE, RECOMPRESS_OLD, RECOMPRESS_TMP, interrupted_recompress, missing_spaxel_ranges,
                                   require_usable_models)
 from ..numerics.column_energy import pixel_weights, tile_energy
@@ -82,13 +83,8 @@ def recompute_col_energy(path: str, *, weighted: bool = False, comm=None) -> np.
             energy += tile_energy(read_block(models, (s0, 0, 0, 0), (s1 - s0, C, P, L)), used)
         energy = allreduce_sum(energy, comm)
     with open_h5(path, "r+", comm) as f:
-        if lay.COL_ENERGY not in f:
-            f.create_dataset(lay.COL_ENERGY, shape=energy.shape, dtype="f8")
-        write_block(f[lay.COL_ENERGY], (0, 0) if comm.Get_rank() == 0 else None,
-                    energy if comm.Get_rank() == 0 else None)
-        f[lay.COL_ENERGY].attrs["weighted"] = bool(weighted)
-        f[lay.COL_ENERGY].attrs[ENERGY_STALE] = False
-        f[lay.COL_ENERGY].attrs["masked"] = mask is not None
+        write_small(f, [(lay.COL_ENERGY, energy, {"weighted": bool(weighted), ENERGY_STALE: False,
+                                                  "masked": mask is not None})], comm, "the column energy")
     return energy
 
 
@@ -156,8 +152,12 @@ def recompress(path: str, compression: str | None, comm=None) -> dict:
     comm = get_comm(comm)
     filt, opt = parse_compression(compression, comm.Get_size())
     label = f"{filt}:{opt}" if filt else "none"
-    with open_h5(path, "r+", comm) as f:
-        finished = _finish_interrupted_swap(f)
+    finished = False
+    with open_h5(path, "r", comm) as f:
+        interrupted = interrupted_recompress(f) is not None or (lay.MODELS in f and RECOMPRESS_OLD in f)
+    if interrupted:                        # opened for writing only when there is a swap to finish
+        with open_h5(path, "r+", comm) as f:
+            finished = _finish_interrupted_swap(f)
     with open_h5(path, "r", comm) as f:
         models = require_usable_models(f, comm, check_inputs=False)
         current = str(f[lay.HYPERCUBE].attrs.get("compression", "none"))
@@ -166,11 +166,14 @@ def recompress(path: str, compression: str | None, comm=None) -> dict:
     if finished and current == label:
         _LOG.info("recompress %s: finished the swap of an interrupted run (%s)", path, label)
         return {"compression": compression, "tiles": len(tiles), "finished_interrupted": True}
+    require_free_space(path, dataset_bytes(shape, "f4"), f"recompress (the copy of {lay.MODELS}, counted at its "
+                       f"uncompressed size)", comm)
     with open_h5(path, "r+", comm) as f:
         if RECOMPRESS_TMP in f:                # an unverified copy of a killed run: start over
             del f[RECOMPRESS_TMP]
         new = f.create_dataset(RECOMPRESS_TMP, shape=shape, dtype="f4", chunks=chunks, compression=filt,
                                compression_opts=opt)
+        f.flush()                              # the copy's metadata on disk before its chunks: a full disk costs the copy only
         mine = _my_tiles(tiles, comm)
         _copy_tiles(f[lay.MODELS], new, tiles, mine, comm)
         f.flush()
@@ -182,8 +185,7 @@ def recompress(path: str, compression: str | None, comm=None) -> dict:
         new.attrs["verified"] = True
         f.flush()
         _swap_in(f)
-    _LOG.info("recompress %s: %s (space of the old dataset is reusable by HDF5; `recompress --compact` "
-              "reclaims it)", path, compression)
+    _LOG.info("recompress %s: %s (the old dataset's space stays in the file; h5repack returns it)", path, compression)
     return {"compression": compression, "tiles": len(tiles), "finished_interrupted": finished}
 
 

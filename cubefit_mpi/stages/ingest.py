@@ -36,6 +36,7 @@ from ..config.options import parse_ranges
 from ..io import layout as lay
 from ..io.blocks import write_block, write_owned_rows
 from ..io.h5file import open_h5
+from ..io.space import require_free_space
 from ..io.ingest_readers import (
     CubeInfo, file_provenance, read_bin_map, read_cube_header, read_fwhm, read_losvd_meta, read_losvd_rows,
     read_templates
@@ -47,7 +48,7 @@ from ..numerics.rebin import BandedRebin, overlap_rebin, per_lnlambda_factor
 from ..numerics.resolution import broaden, complete_range, fwhm_on_grid, sigma_difference
 from ..numerics.wavelength_grids import centres, edges_from_centres, range_mask, template_edges, uniform_log_edges
 from ..parallel.collectives import agree, allreduce_sum, check_all_ranks, raise_if_any
-from ..parallel.comm import get_comm
+from ..parallel.comm import forget_on_abort, get_comm, mpi, on_abort
 from ..parallel.decomposition import block_range, padded_schedule
 
 _LOG = logging.getLogger("cubefit_mpi.stages.ingest")
@@ -491,13 +492,15 @@ def _write_small(f, plan: _Plan, opts: IngestOptions, comm) -> None:
                                              * SPEED_OF_LIGHT_KMS)})
 
 
-def run_ingest(out_path, opts: IngestOptions, comm=None) -> dict:
+def run_ingest(out_path, opts: IngestOptions, comm=None, *, replace: bool = False) -> dict:
     """Ingest ``opts``' inputs into a new cube file ``out_path``.  Collective over comm.
 
     Everything is checked before anything is written; the file is written as
     ``out_path + ".partial"``, validated (:func:`~cubefit_mpi.io.validation.validate_inputs`) and
-    renamed by rank 0.  On an :class:`InputError` the partial file is removed and no
-    ``out_path`` is created.  Returns ``{"dims", "seconds", "mask_counts", "dropped"}``.
+    renamed by rank 0.  On any failure (an :class:`InputError`, a full disk, a crash) the partial
+    file is removed and an existing ``out_path`` is left as it was.  An existing ``out_path`` that
+    holds results (a hypercube or a solution) is only replaced with ``replace``.  Returns
+    ``{"dims", "seconds", "mask_counts", "dropped"}``.
     """
     from ..io.validation import validate_inputs
 
@@ -506,19 +509,30 @@ def run_ingest(out_path, opts: IngestOptions, comm=None) -> dict:
     out_path = os.fspath(out_path)
     partial = out_path + ".partial"
     t0 = time.perf_counter()
+    if not replace:
+        check_all_ranks(refuse_replacing_results, out_path, comm=comm)
     plan = make_plan(opts, comm)
+    require_free_space(partial, planned_bytes(plan), "ingest", comm)
     if rank == 0 and os.path.exists(partial):
         os.remove(partial)
     comm.Barrier()
+
+    def drop_partial():
+        try:
+            os.remove(partial)
+        except FileNotFoundError:
+            pass
+
+    on_abort(drop_partial)             # a rank that aborts the job removes it too
     try:
         summary = _write_all(partial, plan, opts, comm)
         with open_h5(partial, "r", comm) as f:
             validate_inputs(f, comm=comm)
-    except InputError:
-        comm.Barrier()
-        if rank == 0 and os.path.exists(partial):
-            os.remove(partial)
+    except BaseException:              # bad input, a full disk, a crash: no half-written file is left
+        drop_partial()
         raise
+    finally:
+        forget_on_abort(drop_partial)
     comm.Barrier()
     if rank == 0:
         os.replace(partial, out_path)
@@ -529,3 +543,27 @@ def run_ingest(out_path, opts: IngestOptions, comm=None) -> dict:
               "(%.1fs on %d ranks)", d.S, d.L, d.T, d.V, d.C, d.P, len(plan.dropped),
               sum(summary["mask_counts"].values()), out_path, seconds, comm.Get_size())
     return {**summary, "seconds": seconds, "dropped": len(plan.dropped)}
+
+
+def refuse_replacing_results(out_path: str) -> None:
+    """An existing ``out_path`` with a hypercube or a solution is not replaced silently.  Local."""
+    if not os.path.exists(out_path):
+        return
+    try:
+        with open_h5(out_path, "r", mpi().COMM_SELF) as f:
+            kept = [name for name in (lay.MODELS, lay.X_GLOBAL) if name in f]
+    except InputError:
+        return                         # not a readable cube file: nothing of ours to lose
+    if kept:
+        raise InputError(f"{out_path}: exists and holds {' and '.join(kept)}; ingest would replace it with a file "
+                         f"without them: choose another output or pass --force")
+
+
+def planned_bytes(plan: _Plan) -> int:
+    """Bytes the output of ``plan`` takes (datasets, /R_T, a margin per spectrum).  Local."""
+    from ..io.space import dataset_bytes
+
+    S, L, T = plan.n_targets, plan.obs_edges.size - 1, plan.tem_edges.size - 1
+    V, C, P = plan.vel.size, plan.losvd_block.shape[2], plan.templates.shape[0]
+    spectra = (2 if plan.info.stat_ext is not None else 1) * dataset_bytes((S, L), "f8")
+    return spectra + dataset_bytes((S, V, C), "f8") + dataset_bytes((P + L, T), "f8") + 64 * S + 16 * L

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -29,12 +30,13 @@ import numpy as np
 from ..io import layout as lay
 from ..io.blocks import write_block, write_owned_rows
 from ..io.h5file import open_h5
+from ..io.space import require_free_space
 from ..io.ingest_readers import read_templates
 from ..io.layout import H5Dims
 from ..io.manager import H5Manager
 from ..numerics.rebin import rebin_operator
 from ..numerics.synthetic_galaxy import DEFAULT_POPULATIONS, MockModel, MockSpec, make_grids, spaxel_xy
-from ..parallel.comm import get_comm
+from ..parallel.comm import forget_on_abort, get_comm, on_abort
 from ..parallel.decomposition import block_range, padded_schedule, tile_bounds
 
 _LOG = logging.getLogger("cubefit_mpi.numerics.synthetic_galaxy")
@@ -67,7 +69,8 @@ def default_populations(templates: str) -> int:
 
 
 def make_mock(path: str, spec: MockSpec, comm=None, *, rows_per_round: int = 256) -> dict:
-    """Write the synthetic galaxy ``spec`` to ``path`` (overwritten).  Collective over comm.
+    """Write the synthetic galaxy ``spec`` to ``path`` (an existing file is replaced once the new one is
+    complete: it is written as ``path.partial`` and renamed).  Collective over comm.
 
     Returns a summary dict (dims, elapsed seconds, x_true).
     """
@@ -81,6 +84,44 @@ def make_mock(path: str, spec: MockSpec, comm=None, *, rows_per_round: int = 256
     model = MockModel.create(spec, op, library)
     dims = H5Dims(nSpat=spec.spaxels, nLSpec=obs_pix.size, nTSpec=tem_pix.size, nVel=vel_pix.size,
                   nComp=spec.components, nPop=spec.populations)
+    final, path = path, os.fspath(path) + ".partial"    # an existing file stays until the new one is complete
+    require_free_space(path, mock_bytes(dims), "mock", comm)
+
+    def drop_partial():
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+    on_abort(drop_partial)             # a rank that aborts the job removes it too
+    try:
+        _write_mock(path, spec, dims, tem_pix, obs_pix, vel_pix, model, library_attrs, rows_per_round, comm)
+    except BaseException:              # a full disk, a crash: no half-written file is left
+        drop_partial()
+        raise
+    finally:
+        forget_on_abort(drop_partial)
+    comm.Barrier()
+    if comm.Get_rank() == 0:
+        os.replace(path, final)
+    comm.Barrier()
+    elapsed = time.perf_counter() - t0
+    _LOG.info("mock galaxy: S=%d C=%d P=%d L=%d T=%d V=%d -> %s (%.1fs on %d ranks)",
+              dims.S, dims.C, dims.P, dims.L, dims.T, dims.V, final, elapsed, comm.Get_size())
+    return {"dims": dims, "seconds": elapsed, "x_true": model.x_true}
+
+
+def mock_bytes(dims: H5Dims) -> int:
+    """Bytes of a mock file of these dimensions (datasets and /R_T).  Local."""
+    from ..io.space import dataset_bytes
+
+    d = dims
+    return (dataset_bytes((d.S, d.L), "f8") + dataset_bytes((d.S, d.V, d.C), "f8") + dataset_bytes((d.P + d.L, d.T), "f8")
+            + dataset_bytes((d.S, 4), "f8") + 8 * (d.C * d.P + 3 * d.P + d.L + d.T + d.V))
+
+
+def _write_mock(path, spec, dims, tem_pix, obs_pix, vel_pix, model, library_attrs, rows_per_round, comm) -> None:
+    """Every dataset of the mock file ``path``.  Collective over comm."""
     mgr = H5Manager(path, tem_pix=tem_pix, obs_pix=obs_pix, comm=comm)
     mgr.init_base(dims, overwrite=True)
     mgr.populate_from_arrays(templates=model.templates, vel_pix=vel_pix, mask=model.mask,
@@ -128,10 +169,6 @@ def make_mock(path: str, spec: MockSpec, comm=None, *, rows_per_round: int = 256
         group.attrs["amp.mode"] = "sum"
         group.attrs["components"] = ",".join(c["kind"] for c in model.comps)
         group.attrs["generator"] = "cubefit_mpi.numerics.synthetic_galaxy (direct shift-and-add convolution, float64)"
-    elapsed = time.perf_counter() - t0
-    _LOG.info("mock galaxy: S=%d C=%d P=%d L=%d T=%d V=%d -> %s (%.1fs on %d ranks)",
-              dims.S, dims.C, dims.P, dims.L, dims.T, dims.V, path, elapsed, comm.Get_size())
-    return {"dims": dims, "seconds": elapsed, "x_true": model.x_true}
 
 
 def read_truth(path: str, comm=None) -> np.ndarray:

@@ -40,6 +40,7 @@ from ..config.errors import InputError
 from ..io import layout as lay
 from ..io.h5file import open_h5
 from ..io.polynomials import read_polynomials
+from ..io.space import require_writable_folder
 from ..operators.select import open_operator
 from ..numerics.reconstruction import residual_stats, x_checksum
 from ..parallel.collectives import agree, raise_if_any
@@ -172,7 +173,7 @@ def draw_fit(f, path: str, out_dir: str, x, *, n_spaxels: int = 3, recon: str | 
     if x_cp.size != n_comp * n_pop:
         raise InputError(f"x: expected C*P = {n_comp}*{n_pop} values, got {x_cp.size}")
     x_cp = x_cp.reshape(n_comp, n_pop)
-    os.makedirs(out_dir, exist_ok=True)
+    require_writable_folder(out_dir, "--out")
     truth = read_truth(f, n_comp, n_pop)
     return [plot_spectra(f, path, os.path.join(out_dir, SPECTRA_PNG), n_spaxels, recon, x_cp, rank_by, x_note),
             plot_populations(f, os.path.join(out_dir, POPULATIONS_PNG), x_cp, truth),

@@ -37,6 +37,7 @@ from ..config.errors import InputError
 from ..config.knobs import get_knobs
 from ..io import layout as lay
 from ..io.blocks import read_block, write_block
+from ..io.datasets import staged_datasets
 from ..io.h5file import open_h5
 from ..operators.select import open_operator
 from ..io.polynomials import read_polynomials
@@ -213,7 +214,7 @@ def reconstruct(path, *, out: str = RECON_DEFAULT, x_dataset: str = lay.X_GLOBAL
     path : str
         The cube file; ``/HyperCube/models (S, C, P, L)`` must be complete.
     out : str
-        Dataset to write (an earlier reconstruction there is replaced after validation).
+        Dataset to write (an earlier reconstruction there is replaced only once the new one is complete).
     x_dataset : str
         The weights, (C*P,) row-major over (C, P), >= 0.
     s_tile : int, optional
@@ -255,9 +256,11 @@ def reconstruct(path, *, out: str = RECON_DEFAULT, x_dataset: str = lay.X_GLOBAL
     tiles = tile_bounds(n_s, tile)
     mine = [tiles[i] for i in owned_tiles(len(tiles), comm)]
     attrs = _provenance(inputs, x_dataset, comm)
-    with open_h5(path, "r+", comm) as f:
-        outputs = [_output_dataset(f, name, shape, attrs) for name, shape in
-                   ((out, (n_s, n_l)), (out + CHI2_SUFFIX, (n_s,)), (out + RMSE_SUFFIX, (n_s,)))]
+    specs = [(out, (n_s, n_l), "f8"), (out + CHI2_SUFFIX, (n_s,), "f8"), (out + RMSE_SUFFIX, (n_s,), "f8")]
+    with open_h5(path, "r+", comm) as f, staged_datasets(f, specs, comm, f"recon {out}") as staged:
+        outputs = [staged[name] for name, _, _ in specs]       # swapped in together once all are written
+        for dset in outputs:
+            dset.attrs.update(attrs)
         sums = _reconstruct_tiles(f, inputs, mine, blocks, outputs, comm)
     chi2_total, sq_total, n_total = allreduce_sum(sums, comm)
     result = {"out": out, "chi2": out + CHI2_SUFFIX, "rmse": out + RMSE_SUFFIX, "x_dataset": x_dataset,
@@ -315,17 +318,6 @@ def _reconstruct_tiles(f, inputs: ReconInputs, mine: list, blocks: list, outputs
 
 def _rows(values: np.ndarray | None, s0: int, s1: int) -> np.ndarray | None:
     return None if values is None else values[s0:s1]
-
-
-def _output_dataset(f, name: str, shape: tuple[int, ...], attrs: dict):
-    """An earlier reconstruction of the same shape is overwritten in place (HDF5 does not reclaim
-    the space of deleted datasets); otherwise the dataset is (re)created.  Collective."""
-    if name in f and (f[name].shape != shape or f[name].dtype != np.float64):
-        del f[name]
-    dset = f[name] if name in f else f.create_dataset(name, shape=shape, dtype="f8")
-    for key, value in attrs.items():
-        dset.attrs[key] = value
-    return dset
 
 
 def model_rows(f, operator, x_cp: np.ndarray, rows) -> np.ndarray:

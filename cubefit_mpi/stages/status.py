@@ -12,6 +12,7 @@ import numpy as np
 from ..config.errors import InputError
 from ..io import layout as lay
 from ..io.h5file import open_h5
+from ..io.lock import describe, read_holder
 from ..numerics.support import summary, support_map
 from ..solvers.uncertainty import bootstrap_is_current
 
@@ -27,6 +28,9 @@ def file_status(path: str) -> list[tuple[str, str]]:
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file")
     rows: list[tuple[str, str]] = [("file", f"{path} ({os.path.getsize(path) / 2**20:.1f} MiB)")]
+    holder = read_holder(path)
+    if holder is not None:
+        rows.append(("writer", f"being written by {describe(holder)}"))
     with open_h5(path, "r", MPI.COMM_SELF) as f:
         if "dims" in f.attrs:
             S, L, T, V, C, P = (int(v) for v in f.attrs["dims"])

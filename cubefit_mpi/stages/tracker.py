@@ -36,6 +36,7 @@ from ..parallel.launcher import child_environment
 
 _LOG = logging.getLogger("cubefit_mpi.tracker")
 START_TIMEOUT = 60.0                 # seconds to wait for the writer to create the sidecar
+_ABANDONED: list = []                # sidecar writers whose writes failed (never closed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,19 +54,38 @@ START_TIMEOUT = 60.0                 # seconds to wait for the writer to create 
 # ---------------------------------------------------------------------------------------------
 
 
-def _writer_loop(path, meta, settings, msgs, report) -> None:
-    """Drain ``msgs`` into the sidecar until ``("close", status, dropped)`` (or ``("eof",)``).
+def _writer_loop(path, meta, settings, msgs, report) -> bool:
+    """Drain ``msgs`` into the sidecar until ``("close", status, dropped)`` (or ``("eof",)``); True
+    when a write failed (the sidecar was then abandoned and the messages after it dropped).
 
     ``report(error)`` is called once: with None when the sidecar exists, else with the error.
     """
     try:
         writer = SidecarWriter(path, meta, settings["file_locking"])
     except Exception as exc:
-        report(f"{type(exc).__name__}: {exc}")
-        return
+        from ..io.h5file import write_reason
+
+        report(f"{type(exc).__name__}: {write_reason(exc)}")
+        return True
     report(None)
     since_flush, last_flush = 0, time.monotonic()
     poll = max(0.05, min(0.5, settings["flush_sec"] or 0.5))
+    failed = False
+
+    def attempt(action, *args) -> bool:
+        """Run a write; a failure (a full disk) stops the tracking, never the solve."""
+        try:
+            action(*args)
+            return False
+        except Exception as exc:                 # noqa: BLE001 -- reported on one line below
+            from ..io.h5file import write_reason
+
+            _ABANDONED.append(writer)            # not closed: HDF5 may not survive closing it now
+            sys.stderr.write(f"WARNING cubefit_mpi.tracker: writing {path} failed ({write_reason(exc)}); "
+                             f"the solve goes on without its fit tracker\n")
+            sys.stderr.flush()
+            return True
+
     while True:
         try:
             msg = msgs.get(timeout=poll)
@@ -73,13 +93,16 @@ def _writer_loop(path, meta, settings, msgs, report) -> None:
             msg = None
         if msg is not None:
             if msg[0] in ("close", "eof"):       # eof: the solver process is gone
-                writer.finish(*(msg[1:] if msg[0] == "close" else ("orphaned", -1)))
-                return
-            writer.handle(msg)
+                if not failed:
+                    failed = attempt(writer.finish, *(msg[1:] if msg[0] == "close" else ("orphaned", -1)))
+                return failed
+            if not failed:
+                failed = attempt(writer.handle, msg)
             since_flush += 1
         now = time.monotonic()
         if since_flush and (since_flush >= settings["flush_every"] or now - last_flush >= settings["flush_sec"]):
-            writer.flush()
+            if not failed:
+                failed = attempt(writer.flush)
             since_flush, last_flush = 0, now
 
 
@@ -87,6 +110,9 @@ def writer_process_main() -> None:
     """Body of a writer process: messages arrive pickled on stdin, ``ready`` goes to stdout."""
     import pickle
 
+    from ..io.h5file import quiet_write_errors
+
+    quiet_write_errors()                         # a full disk is reported once, by _writer_loop
     stdin = sys.stdin.buffer
     path, meta, settings = pickle.load(stdin)
     local: _queue.Queue = _queue.Queue(maxsize=settings["qsize"])   # full: back-pressure on the pipe
@@ -106,7 +132,8 @@ def writer_process_main() -> None:
         sys.stdout.flush()
 
     threading.Thread(target=read_pipe, daemon=True).start()
-    _writer_loop(path, meta, settings, local, report)
+    if _writer_loop(path, meta, settings, local, report):
+        os._exit(0)                              # a failed sidecar is abandoned, not closed
 
 
 class _ThreadWriter:

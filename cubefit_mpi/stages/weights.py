@@ -30,7 +30,8 @@ from ..config.errors import InputError
 from ..config.knobs import get_knobs
 from ..config.version import VERSION as __version__
 from ..io import layout as lay
-from ..io.blocks import read_block, write_owned_rows
+from ..io.blocks import read_block
+from ..io.datasets import write_small
 from ..io.h5file import open_h5
 from ..io.validation import check_mask
 from ..numerics import lambda_weights as lw
@@ -210,6 +211,9 @@ def ensure_lambda_weights(path, *, small: int = lw.DEFAULT_SMALL, large: int = l
     params = _wanted_params(small, large, min_w, features, knobs.lambda_min_w)
     with open_h5(path, "r", comm) as f:               # validate and decide before writing anything
         n_spax, n_lam, mask = _cube_info(f)
+        if params["large"] > n_lam:
+            raise InputError(f"--large={large}: the window is longer than the spectrum ({n_lam} pixels of "
+                             f"{lay.DATACUBE}); expected an odd number of pixels <= {n_lam}")
         crc = _mask_crc(mask, n_lam)
         if name in f and not force and f[name].shape == (n_lam,):
             attrs = f[name].attrs
@@ -230,16 +234,11 @@ def ensure_lambda_weights(path, *, small: int = lw.DEFAULT_SMALL, large: int = l
                                               features=params["features"],
                                               ref_quantile=params["ref_quantile"])
     created = agree(_dt.datetime.now().isoformat(timespec="seconds"), comm)
+    attrs = dict(params, source=lay.DATACUBE, source_shape=np.array([n_spax, n_lam], dtype=np.int64),
+                 mask_crc32=np.int64(crc), n_spaxels_used=np.int64(n_used), created=created,
+                 cubefit_mpi=__version__)
     with open_h5(path, "r+", comm) as f:
-        if name in f and f[name].shape != (n_lam,):
-            del f[name]
-        dset = f[name] if name in f else f.create_dataset(name, shape=(n_lam,), dtype="f8")
-        write_owned_rows(dset, weights, comm)
-        attrs = dict(params, source=lay.DATACUBE, source_shape=np.array([n_spax, n_lam], dtype=np.int64),
-                     mask_crc32=np.int64(crc), n_spaxels_used=np.int64(n_used), created=created,
-                     cubefit_mpi=__version__)
-        for key, value in attrs.items():
-            dset.attrs[key] = value
+        write_small(f, [(name, weights, attrs)], comm, "the lambda-weights")
     _LOG.info("%s: built from the median of %d/%d spaxels (boxcars %d/%d px, min_w %g)",
               name, n_used, n_spax, params["small"], params["large"], params["min_w"])
     return weights

@@ -11,7 +11,8 @@ import numpy as np
 
 from ...config.errors import InputError
 from ...io import layout as lay
-from ...io.blocks import read_block, write_block
+from ...io.blocks import read_block
+from ...io.datasets import write_small
 from ...io.h5file import open_h5
 from ...parallel.collectives import allreduce_sum
 from ...parallel.comm import mpi
@@ -124,36 +125,33 @@ def initial_x(path, inputs, warm_start, x0, comm, eps: float) -> tuple[np.ndarra
 def write_solution(path, x, stats, knobs, comm, provenance: dict | None = None) -> None:
     """``/X_global`` with method and solver settings as attributes.  Collective over comm.
 
-    An exact ``/X_global`` about to be overwritten is first copied to ``/Solve/x_exact`` with
-    ``provenance`` as attributes, so that later Kaczmarz runs still report their gap to it.
+    An exact ``/X_global`` about to be overwritten is first kept as ``/Solve/x_exact`` with
+    ``provenance`` as attributes, so that later Kaczmarz runs still report their gap to it; both
+    datasets are replaced in one staged write (all or none).
     """
-    root = comm.Get_rank() == 0
+    attrs = {"method": "kaczmarz", "layout": "row-major (C, P)", "chi2": 2.0 * stats["objective"],
+             "objective": stats["objective"], "epochs": stats["epochs"], "lr": stats["lr"],
+             "c_bands": stats["c_bands"], "s_groups": stats["s_groups"], "warm_start": stats["warm_start"],
+             "returned_epoch": stats["returned_epoch"], "epochs_rejected": stats["epochs_rejected"],
+             "objective_source": stats["objective_source"]}
+    for env, value in knobs.as_dict().items():
+        if env.startswith(("CUBEFIT_BT_", "CUBEFIT_TRUST", "CUBEFIT_EPS", "CUBEFIT_ZERO_COL",
+                           "CUBEFIT_NNLS_", "CUBEFIT_TILE_BT", "CUBEFIT_GLOBAL_", "CUBEFIT_EPOCH_")):
+            attrs[env] = value
     with open_h5(path, "r+", comm) as f:
+        items = []
         if provenance is not None and lay.X_GLOBAL in f and _is_exact(f[lay.X_GLOBAL]):
-            exact = np.asarray(f[lay.X_GLOBAL][...], dtype=np.float64)
-            if lay.X_EXACT in f:
-                del f[lay.X_EXACT]
-            f.create_dataset(lay.X_EXACT, shape=exact.shape, dtype="f8")
-            write_block(f[lay.X_EXACT], (0,) if root else None, exact if root else None)
-            for key, value in provenance.items():
-                f[lay.X_EXACT].attrs[key] = value
-        if lay.X_GLOBAL in f and f[lay.X_GLOBAL].shape != x.shape:
-            del f[lay.X_GLOBAL]
-        if lay.X_GLOBAL not in f:
-            f.create_dataset(lay.X_GLOBAL, shape=x.shape, dtype="f8")
-        dset = f[lay.X_GLOBAL]
-        write_block(dset, (0,) if root else None, x if root else None)
-        attrs = {"method": "kaczmarz", "layout": "row-major (C, P)", "chi2": 2.0 * stats["objective"],
-                 "objective": stats["objective"], "epochs": stats["epochs"], "lr": stats["lr"],
-                 "c_bands": stats["c_bands"], "s_groups": stats["s_groups"], "warm_start": stats["warm_start"],
-                 "returned_epoch": stats["returned_epoch"], "epochs_rejected": stats["epochs_rejected"],
-                 "objective_source": stats["objective_source"]}
-        for env, value in knobs.as_dict().items():
-            if env.startswith(("CUBEFIT_BT_", "CUBEFIT_TRUST", "CUBEFIT_EPS", "CUBEFIT_ZERO_COL",
-                               "CUBEFIT_NNLS_", "CUBEFIT_TILE_BT", "CUBEFIT_GLOBAL_", "CUBEFIT_EPOCH_")):
-                attrs[env] = value
-        for key, value in attrs.items():
-            dset.attrs[key] = value
+            items.append((lay.X_EXACT, np.asarray(f[lay.X_GLOBAL][...], dtype=np.float64), dict(provenance)))
+        items.append((lay.X_GLOBAL, np.asarray(x, dtype=np.float64), attrs))
+        write_small(f, items, comm, "the solution")
+
+
+def solution_bytes(n: int) -> int:
+    """Bytes a Kaczmarz solve writes: ``/X_global``, the exact copy and a sidecar (16 + 2 snapshots,
+    history).  Local."""
+    from ...io.tracker_sidecar import SNAPSHOT_HISTORY
+
+    return 8 * n * (SNAPSHOT_HISTORY + 4) + 2**20
 
 
 def check_options(epochs, lr, c_bands, n_comp, orbit_strength, decorrelate) -> None:

@@ -44,6 +44,7 @@ from ...config.options import keyword_checked
 from ...io import layout as lay
 from ...io.h5file import open_h5
 from ...io.hypercube_state import ENERGY_STALE
+from ...io.space import require_free_space
 from ...parallel.collectives import allgather_array, allreduce_sum, bcast_array, gather_rows
 from ...parallel.comm import get_comm, mpi
 from ...parallel.threads import matvec_blas_threads
@@ -52,7 +53,7 @@ from .epochs import run_epochs
 from .grid import Grid
 from .guard import EpochGuard, GramObjective
 from .tiles import FactoredTiles, HypercubeTiles, Tile
-from .inputs import check_options, initial_x, load_data, read_x_global, write_solution
+from .inputs import check_options, initial_x, load_data, read_x_global, solution_bytes, write_solution
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
 DEFAULT_ORBIT_STRENGTH = 0.1
@@ -371,6 +372,7 @@ def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bo
     if not inputs.mask.any():
         raise InputError(f"{lay.MASK}: every pixel is masked; nothing to fit")
     targets = parse_orbit_weights(orbit_weights, C, path)
+    require_free_space(path, solution_bytes(n), "kaczmarz (/X_global and its fit-tracker sidecar)", comm)
     eta = 0.0 if targets is None else (DEFAULT_ORBIT_STRENGTH if orbit_strength is None else float(orbit_strength))
     if targets is not None and eta == 0.0 and rank0:
         _LOG.warning("orbit weights given with orbit_strength=0: no ratio step is made")
