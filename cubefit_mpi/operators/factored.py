@@ -368,7 +368,8 @@ class FactoredOperator(Operator):
         basis_w = self.weighted_basis(weighting, project=False)
         K, P, lu = basis_w.shape
         n, R = v_w.shape[0], v_w.shape[2]
-        z = np.einsum("ql,slr->sqr", basis_w.reshape(K * P, lu), v_w).reshape(n * K, P * R)   # (n·K, P·R)
+        z = basis_w.reshape(K * P, lu) @ v_w.transpose(1, 0, 2).reshape(lu, n * R)           # one GEMM (K·P, n·R)
+        z = z.reshape(K, P, n, R).transpose(2, 0, 1, 3).reshape(n * K, P * R)                  # (n·K, P·R)
         rhs = kappa.transpose(1, 0, 2).reshape(self.C, n * K) @ z                                    # (C, P·R)
         return rhs.reshape(self.C, P, R).transpose(2, 0, 1).reshape(R, self.n_params)
 
