@@ -179,3 +179,23 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
                                         "cubefit_mpi/numerics/nnls.py:3: uses cubefit_mpi.numerics.kernels._cache"]
     assert import_cycles(fake) == ["cubefit_mpi.numerics.kernels -> cubefit_mpi.stages.build -> "
                                    "cubefit_mpi.numerics.kernels"]
+
+
+def undocumented_modules(package: Path = PACKAGE, doc: Path = PACKAGE.parent / "docs" / "architecture.md") -> list:
+    """Modules of the layer folders that docs/architecture.md's table does not name (as `name`)."""
+    rows = {}
+    for line in doc.read_text().splitlines():
+        if line.startswith("| `") and "/` |" in line.split("|")[1] + "|":
+            rows[line.split("`")[1].rstrip("/")] = line
+    missing = []
+    for layer in LEVELS:
+        for path in sorted((package / layer).rglob("*.py")):
+            name = path.stem
+            if name != "__init__" and f"`{name}`" not in rows.get(layer, ""):
+                missing.append(f"{layer}/{path.relative_to(package / layer)}")
+    return missing
+
+
+def test_the_architecture_doc_names_every_module():
+    missing = undocumented_modules()
+    assert not missing, "modules missing from docs/architecture.md's layer table:\n" + "\n".join(missing)
