@@ -30,6 +30,7 @@ def register(sub) -> None:
     from ..pipeline.runner import PipelineRunner
     from ..solvers.exact import solve_exact
     from ..solvers.kaczmarz.solver import solve_kaczmarz
+    from ..solvers.orbit import ORBIT_MODES, ORBIT_TOTALS
 
     def exact(name):
         return default_of(solve_exact, name)
@@ -51,8 +52,16 @@ def register(sub) -> None:
     g.add_argument("--no-verify", action="store_true", help="skip the separate chi2 residual pass")
     p.add_argument("--orbit-weights", default=None, metavar="DATASET|FILE|a,b,c",
                    help="target fractions of the component totals")
+    p.add_argument("--orbit-mode", default=exact("orbit_mode"), choices=ORBIT_MODES,
+                   help="strict: the component totals are equality constraints (exact: certified with their "
+                        "multipliers; kaczmarz: each block rescaled to its target after every tile); penalty: "
+                        "a quadratic penalty (exact) or a nudge (kaczmarz) of strength --orbit-strength; auto: "
+                        "penalty when --orbit-strength is given, else strict (default %(default)s)")
+    p.add_argument("--orbit-totals", default=exact("orbit_totals"), choices=ORBIT_TOTALS,
+                   help="strict targets as fractions of the total (normalised to sum 1) or as absolute "
+                        "component totals in the units of x (default %(default)s)")
     p.add_argument("--orbit-strength", type=float, default=None,
-                   help="exact: mu of the orbit-weight penalty (required with --orbit-weights); kaczmarz: "
+                   help="penalty mode; exact: mu of the orbit-weight penalty (required); kaczmarz: "
                         "fraction of the way to the targets per tile (default 0.1)")
     p.add_argument("--no-weights", action="store_true", help="ignore lambda-weights")
     add_operator_options(p)
@@ -81,7 +90,8 @@ def cmd_solve(args, comm) -> int:
             raise InputError(f"--bootstrap: needs --method exact (it reuses the exact fit's normal equations), "
                              f"got --method {args.method}")
     runner = PipelineRunner(args.file, comm=comm)
-    common = dict(orbit_weights=args.orbit_weights, orbit_strength=args.orbit_strength,
+    common = dict(orbit_weights=args.orbit_weights, orbit_strength=args.orbit_strength, orbit_mode=args.orbit_mode,
+                  orbit_totals=args.orbit_totals,
                   use_weights=not args.no_weights, **operator_options(args))
     if args.method == "exact":
         x, stats = runner.solve("exact", blas_threads=args.blas_threads, ridge=args.ridge, regul=args.regul,

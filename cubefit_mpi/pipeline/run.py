@@ -138,6 +138,7 @@ def _run_step(step: str, cfg: dict, comm) -> None:
         from .runner import PipelineRunner
 
         common = dict(orbit_weights=opts["orbit_weights"], orbit_strength=opts["orbit_strength"],
+                      orbit_mode=opts["orbit_mode"], orbit_totals=opts["orbit_totals"],
                       use_weights=opts["use_weights"])
         runner = PipelineRunner(path, comm=comm)
         if opts["method"] == "exact":

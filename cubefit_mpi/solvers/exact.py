@@ -13,7 +13,6 @@ memory and the ranks on it), the working-set method (:mod:`.working_set`) is use
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import numpy as np
@@ -32,11 +31,14 @@ from ..parallel.comm import get_comm
 from ..parallel.comm import ranks_on_node
 from .limits import gram_budget_for, node_memory_bytes
 from .gram import SolveInputs, load_solve_inputs, normal_equations, residual_chi2
+from .orbit import DEFAULT_ORBIT_MODE, DEFAULT_ORBIT_TOTALS, OrbitSpec, orbit_spec, parse_orbit_weights  # noqa: F401
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
 GRAM = "/Solve/gram"
 RHS = "/Solve/rhs"
 ORBIT_WEIGHTS = "/Solve/orbit_weights"
+ORBIT_MULTIPLIERS = "/Solve/orbit_multipliers"
+ORBIT_MASSES = "/Solve/orbit_masses"
 COMPONENT_TOTALS = "/Solve/component_totals"
 CHI2_RTOL = 1e-9
 
@@ -56,36 +58,6 @@ def gram_budget(ranks_on_node: int, node_memory: int | None = None) -> int:
 def gram_budget_bytes(comm) -> int:
     """:func:`gram_budget` for the ranks of ``comm`` on this rank's node.  Collective over comm."""
     return gram_budget(ranks_on_node(comm))
-
-
-def parse_orbit_weights(spec, n_comp: int, path: str | None = None) -> np.ndarray | None:
-    """Orbit-weight targets (C,) from an array, a dataset of ``path`` ("/..."), a .npy/.txt file or
-    "a,b,c"; normalised to sum 1.  Local.  Raises :class:`InputError` on a wrong length or sign."""
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        if spec.startswith("/"):
-            import h5py
-
-            with h5py.File(path, "r") as f:
-                if spec not in f:
-                    raise InputError(f"--orbit-weights {spec}: no such dataset in {path}")
-                values = np.asarray(f[spec][...], dtype=np.float64).ravel()
-        elif os.path.exists(spec):
-            values = np.load(spec).ravel() if spec.endswith(".npy") else np.loadtxt(spec).ravel()
-        else:
-            try:
-                values = np.array([float(v) for v in spec.split(",")])
-            except ValueError:
-                raise InputError(f"--orbit-weights {spec}: expected a dataset (/...), a .npy/.txt file or "
-                                 f"comma-separated numbers") from None
-    else:
-        values = np.asarray(spec, dtype=np.float64).ravel()
-    if values.size != n_comp:
-        raise InputError(f"--orbit-weights: expected {n_comp} values (one per component), got {values.size}")
-    if not np.all(np.isfinite(values)) or np.any(values < 0) or values.sum() <= 0:
-        raise InputError("--orbit-weights: expected finite non-negative values with a positive sum")
-    return values / values.sum()
 
 
 def _cache_matches(f, provenance: dict) -> bool:
@@ -130,7 +102,8 @@ def gram_system(inputs: SolveInputs, *, use_cache: bool = True, comm=None) -> di
 
 @keyword_checked
 def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, regul_order: int = 2,
-                orbit_weights=None, orbit_strength: float | None = None, use_cache: bool = True, verify: bool = True,
+                orbit_weights=None, orbit_strength: float | None = None, orbit_mode: str = DEFAULT_ORBIT_MODE,
+                orbit_totals: str = DEFAULT_ORBIT_TOTALS, use_cache: bool = True, verify: bool = True,
                 use_weights: bool = True, tol: float = 1e-10, exact_method: str = "auto", comm=None,
                 operator: str = "auto", norm_mode: str | None = None, amp_mode: str | None = None
                 ) -> tuple[np.ndarray, dict]:
@@ -143,7 +116,11 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
     regul : float  λ of the smoothness term over the population grid (``/Templates`` attr ``pop_shape``)
     regul_order : {1, 2}  first or second differences
     orbit_weights : (C,) array, dataset name, file or "a,b,c"; targets of the component totals
-    orbit_strength : float  μ of ½μ Σ_c (Σ_p x_cp − t_c Σ x)²
+    orbit_strength : float  μ of ½μ Σ_c (Σ_p x_cp − t_c Σ x)² (mode penalty)
+    orbit_mode : {"auto", "strict", "penalty"}  strict: the totals are equality constraints,
+        certified with their multipliers (``/Solve/orbit_multipliers``); auto: penalty when
+        ``orbit_strength`` is given, else strict (:mod:`.orbit`)
+    orbit_totals : {"fractions", "absolute"}  strict targets as fractions of Σx or as totals
     use_cache : bool  reuse a current ``/Solve`` Gram matrix
     verify : bool  recompute χ² by a separate residual pass (one more read of the hypercube)
     exact_method : {"auto", "gram", "working-set"}
@@ -158,24 +135,30 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
     """
     comm = get_comm(comm)
     t0 = time.perf_counter()
-    ridge, regul, orbit_strength = _check_terms(ridge, regul, regul_order, orbit_weights, orbit_strength)
+    ridge, regul = _check_terms(ridge, regul, regul_order)
     inputs = load_solve_inputs(path, use_weights=use_weights, operator=operator, norm_mode=norm_mode,
                                amp_mode=amp_mode, comm=comm)
-    targets = parse_orbit_weights(orbit_weights, inputs.C, path)
+    orbit = orbit_spec(orbit_weights, inputs.C, path, mode=orbit_mode, totals=orbit_totals, strength=orbit_strength)
+    orbit_strength = _check_orbit_strength(orbit)
     reg = Regularization.build(inputs.C, inputs.P, ridge=ridge, regul=regul, regul_order=regul_order,
-                               pop_shape=population_shape(path, inputs.P, comm), orbit_targets=targets,
+                               pop_shape=population_shape(path, inputs.P, comm),
+                               orbit_targets=orbit.targets if orbit.mode == "penalty" else None,
                                orbit_strength=orbit_strength)
     if inputs.weights is not None and comm.Get_rank() == 0:
         from ..numerics.lambda_weights import weights_banner
 
         _LOG.info(weights_banner(inputs.weights, inputs.mask))
     method, budget = _choose_method(exact_method, inputs.n_params, comm)
+    if orbit.strict and method != "gram":
+        raise InputError(f"--orbit-mode strict: needs the Gram method, but N={inputs.n_params} takes the {method} "
+                         f"method (raise CUBEFIT_GRAM_MAX_BYTES to fit N x N float64, or use --orbit-mode penalty)")
     _LOG.info("exact solve of N=%d (C=%d, P=%d) by the %s method on %d rank(s)", inputs.n_params, inputs.C,
               inputs.P, method, comm.Get_size())
-    x, stats = _solve(method, inputs, reg, budget=budget, tol=tol, use_cache=use_cache, comm=comm)
+    x, stats = _solve(method, inputs, reg, orbit, budget=budget, tol=tol, use_cache=use_cache, comm=comm)
     stats.update(method=f"exact-{method}", operator=inputs.operator.kind, n_params=inputs.n_params,
                  n_ranks=comm.Get_size(), ridge=ridge, regul=regul, regul_order=regul_order,
-                 orbit_strength=orbit_strength, use_weights=bool(use_weights),
+                 orbit_strength=orbit_strength, orbit_mode=orbit.mode, orbit_totals=orbit.totals,
+                 use_weights=bool(use_weights),
                  norm_mode=inputs.operator.norm_mode, amp_mode=inputs.operator.amp_mode)
     if verify:
         _verify(inputs, x, stats, comm)
@@ -183,21 +166,26 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
         stats["chi2"] = stats["chi2_formula"]
     stats["component_totals"] = x.reshape(inputs.C, inputs.P).sum(axis=1)
     stats["seconds"] = time.perf_counter() - t0
-    _write_solution(path, x, stats, targets, comm)
+    _write_solution(path, x, stats, orbit, comm)
     _log_summary(stats)
     return x, stats
 
 
-def _check_terms(ridge, regul, regul_order, orbit_weights, orbit_strength) -> tuple[float, float, float]:
+def _check_terms(ridge, regul, regul_order) -> tuple[float, float]:
     """The quadratic terms' strengths, checked (ridge None = ``CUBEFIT_NNLS_L2``).  Local."""
     ridge = get_knobs().nnls_l2 if ridge is None else check_number("--ridge", ridge, minimum=0.0)
     regul = check_number("--regul", regul, minimum=0.0)
-    orbit_strength = check_number("--orbit-strength", 0.0 if orbit_strength is None else orbit_strength, minimum=0.0)
-    if orbit_weights is not None and orbit_strength == 0.0:
-        raise InputError("--orbit-weights: the exact method needs --orbit-strength > 0 (the penalty's mu)")
     if regul_order not in (1, 2):
         raise InputError(f"--regul-order {regul_order}: expected 1 or 2")
-    return ridge, regul, orbit_strength
+    return ridge, regul
+
+
+def _check_orbit_strength(orbit: OrbitSpec) -> float:
+    """μ of the penalty (0 unless the mode is penalty), checked.  Local."""
+    strength = check_number("--orbit-strength", 0.0 if orbit.strength is None else orbit.strength, minimum=0.0)
+    if orbit.mode == "penalty" and strength == 0.0:
+        raise InputError("--orbit-mode penalty: the exact method needs --orbit-strength > 0 (the penalty's mu)")
+    return strength
 
 
 def _choose_method(exact_method: str, n: int, comm) -> tuple[str, int]:
@@ -211,8 +199,8 @@ def _choose_method(exact_method: str, n: int, comm) -> tuple[str, int]:
     return method, budget
 
 
-def _solve(method: str, inputs: SolveInputs, reg: Regularization, *, budget: int, tol: float, use_cache: bool,
-           comm) -> tuple[np.ndarray, dict]:
+def _solve(method: str, inputs: SolveInputs, reg: Regularization, orbit: OrbitSpec, *, budget: int, tol: float,
+           use_cache: bool, comm) -> tuple[np.ndarray, dict]:
     """x and the solver's stats by the chosen method.  Collective over comm."""
     if method == "working-set":
         from .working_set import solve_working_set
@@ -221,7 +209,7 @@ def _solve(method: str, inputs: SolveInputs, reg: Regularization, *, budget: int
         return x, dict(info)
     system = gram_system(inputs, use_cache=use_cache, comm=comm)
     t_solve = time.perf_counter()
-    x, info = _solve_on_root(system, reg, tol, comm)
+    x, info = _solve_on_root(system, reg, orbit, inputs.P, tol, comm)
     info.update(passes=0 if system["from_cache"] else 1, from_cache=system["from_cache"],
                 pass_seconds=system["pass_seconds"], reduce_seconds=system["reduce_seconds"],
                 solve_seconds=time.perf_counter() - t_solve, phases_by_rank=system.get("phases_by_rank", []))
@@ -267,33 +255,65 @@ def population_shape(path: str, n_pop: int, comm) -> tuple:
     return (n_pop,)
 
 
-def _solve_on_root(system: dict, reg: Regularization, tol: float, comm) -> tuple[np.ndarray, dict]:
-    """Rank 0 solves the (regularised) system; x and the summary are broadcast.  Collective."""
-    info = None
-    x = None
+def _solve_on_root(system: dict, reg: Regularization, orbit: OrbitSpec, n_pop: int, tol: float, comm
+                   ) -> tuple[np.ndarray, dict]:
+    """Rank 0 solves the (regularised, maybe constrained) system; x and the summary are broadcast;
+    an error on rank 0 is raised on every rank.  Collective over comm."""
+    from ..parallel.collectives import raise_if_any
+
+    info = x = error = None
     if comm.Get_rank() == 0:
-        gram, rhs = system["gram"], system["rhs"]
-        total = gram + reg.dense() if reg.active else gram
-        result = nnls_gram(total, rhs, tol=tol)
-        x = result.x
-        cert = certify(total, rhs, x)
-        curvature = float(x @ (gram @ x))
-        info = {"iterations": result.iterations, "converged": result.converged, "active_set": result.passive_size,
-                "message": result.message, "yy": system["yy"],
-                "chi2_formula": system["yy"] - 2.0 * float(system["rhs"] @ x) + curvature,
-                "objective": cert.objective + 0.5 * system["yy"], **certificate_dict(cert)}
+        try:
+            x, info = _root_solve(system, reg, orbit, n_pop, tol)
+        except (InputError, ConsistencyError) as exc:
+            error = exc
+    raise_if_any(error, comm)
     x = bcast_array(x, comm)
     info = comm.bcast(info, root=0)
     return x, info
 
 
-def _write_solution(path: str, x: np.ndarray, stats: dict, targets, comm) -> None:
-    """``/X_global``, ``/Solve`` attributes, component totals (and orbit targets).  Collective."""
+def _root_solve(system: dict, reg: Regularization, orbit: OrbitSpec, n_pop: int, tol: float
+                ) -> tuple[np.ndarray, dict]:
+    """The NNLS of rank 0 (strict orbit weights: under their constraints) and its summary.  Local."""
+    gram, rhs = system["gram"], system["rhs"]
+    total = gram + reg.dense() if reg.active else gram
+    extra = {}
+    if orbit.strict:
+        from .orbit import strict_nnls
+
+        x, multipliers, cert, result = strict_nnls(total, rhs, orbit, n_pop, tol=tol, solver=nnls_gram)
+        extra = {"orbit_multipliers": multipliers, "orbit_constraint_residual": result.constraint_residual,
+                 "orbit_outer_iterations": result.outer_iterations}
+        iterations, converged, message = result.outer_iterations + result.finish_iterations, result.converged, \
+            result.message
+    else:
+        result = nnls_gram(total, rhs, tol=tol)
+        x = result.x
+        cert = certify(total, rhs, x)
+        iterations, converged, message = result.iterations, result.converged, result.message
+    curvature = float(x @ (gram @ x))
+    objective = 0.5 * float(x @ (total @ x)) - float(rhs @ x)
+    return x, {"iterations": iterations, "converged": converged, "active_set": int(np.count_nonzero(x > 0)),
+               "message": message, "yy": system["yy"],
+               "chi2_formula": system["yy"] - 2.0 * float(system["rhs"] @ x) + curvature,
+               "objective": objective + 0.5 * system["yy"], **certificate_dict(cert), **extra}
+
+
+def _write_solution(path: str, x: np.ndarray, stats: dict, orbit: OrbitSpec, comm) -> None:
+    """``/X_global``, ``/Solve`` attributes, component totals (and the orbit targets as fractions,
+    their absolute values and the constraints' multipliers when used; stale ones are removed).  Collective."""
     root = comm.Get_rank() == 0
     with open_h5(path, "r+", comm) as f:
         items = [(lay.X_GLOBAL, x), (COMPONENT_TOTALS, stats["component_totals"])]
-        if targets is not None:
-            items.append((ORBIT_WEIGHTS, targets))
+        orbit_items = [(ORBIT_WEIGHTS, orbit.fractions),
+                       (ORBIT_MASSES, orbit.targets if orbit.totals == "absolute" else None),
+                       (ORBIT_MULTIPLIERS, stats.get("orbit_multipliers"))]
+        for name, values in orbit_items:
+            if values is not None:
+                items.append((name, np.asarray(values, dtype=np.float64)))
+            elif name in f:
+                del f[name]
         for name, values in items:
             if name in f and f[name].shape != values.shape:
                 del f[name]
@@ -318,3 +338,7 @@ def _log_summary(stats: dict) -> None:
               "OK" if stats["kkt.ok"] else "NOT MET", stats["kkt.primal_min"], stats["kkt.dual_min"],
               stats["kkt.tol"], stats["kkt.passive_stationarity"], stats["kkt.complementarity"])
     _LOG.info("component totals: %s", np.array2string(np.asarray(stats["component_totals"]), precision=6))
+    if stats.get("orbit_mode") == "strict":
+        _LOG.info("strict orbit weights (%s): constraint residual %.3g, multipliers %s", stats["orbit_totals"],
+                  stats["orbit_constraint_residual"], np.array2string(np.asarray(stats["orbit_multipliers"]),
+                                                                      precision=6))

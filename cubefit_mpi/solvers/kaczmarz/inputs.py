@@ -120,7 +120,8 @@ def write_solution(path, x, stats, knobs, comm) -> None:
         write_block(dset, (0,) if root else None, x if root else None)
         attrs = {"method": "kaczmarz", "layout": "row-major (C, P)", "chi2": 2.0 * stats["objective"],
                  "objective": stats["objective"], "epochs": stats["epochs"], "lr": stats["lr"],
-                 "c_bands": stats["c_bands"], "s_groups": stats["s_groups"], "warm_start": stats["warm_start"]}
+                 "c_bands": stats["c_bands"], "s_groups": stats["s_groups"], "warm_start": stats["warm_start"],
+                 "orbit_mode": stats["orbit_mode"], "orbit_totals": stats["orbit_totals"]}
         for env, value in knobs.as_dict().items():
             if env.startswith(("CUBEFIT_BT_", "CUBEFIT_TRUST", "CUBEFIT_EPS", "CUBEFIT_ZERO_COL",
                                "CUBEFIT_NNLS_", "CUBEFIT_TILE_BT", "CUBEFIT_GLOBAL_")):
