@@ -145,7 +145,7 @@ def bench_large(args) -> None:
     print(f"| total (end to end) | {result['wall']:.1f} |")
     print(f"certified: {result['kkt.ok']} (chi2 check {result['chi2_consistent']}), active set {result['active_set']}, "
           f"{result['iterations']} NNLS iterations; peak RSS per rank "
-          + ", ".join(f"{r / 2**30:.2f} GiB" for r in result["rss"]) + f"; target < 15 min: "
+          + ", ".join(f"{r / 2**30:.2f} GiB" for r in result["rss"]) + "; target < 15 min: "
           + ("met" if result["wall"] < 900 else "NOT met"))
 
 

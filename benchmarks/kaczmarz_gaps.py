@@ -1,10 +1,11 @@
 """How close the Kaczmarz solver gets to the exact optimum: the table of docs/kaczmarz.md.
 
-    .venv/bin/python benchmarks/kaczmarz_gaps.py [--dir /tmp]
+    .venv/bin/python benchmarks/kaczmarz_gaps.py [--dir /tmp] [--guard 0]
 
 Mock S=200 C=3 P=12 L=300 (S-tiles of 16, λ-weights on), noise-free and S/N 30.  For each
 setting and number of epochs: the relative gap (f − f*) / (f(0) − f*) to the exact NNLS optimum
 f* (the exact solver's, with its KKT certificate), one rank, printed as a markdown table.
+``--guard 0``: with ``CUBEFIT_EPOCH_GUARD=0`` (the last iterate, as before the epoch guard).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def case(root: Path, name: str, snr) -> tuple[Path, float]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--guard", choices=("1", "0"), default="1", help="CUBEFIT_EPOCH_GUARD (default 1)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -54,7 +56,7 @@ def main():
                 for e in epochs:
                     work = root / "work.h5"
                     shutil.copy(path, work)
-                    _, st = solve_kaczmarz(str(work), epochs=e, comm=SELF, knobs=Knobs.from_env(env), **kw)
+                    _, st = solve_kaczmarz(str(work), epochs=e, comm=SELF, knobs=Knobs.from_env({**env, "CUBEFIT_EPOCH_GUARD": args.guard}), **kw)
                     gaps[e] = st["gap_rel"]
                 cells = [f"{gaps[e]:.1e}" if e in gaps else "—" for e in EPOCHS]
                 star = "f* ≈ 0" if abs(f_star) < 1e-6 else f"f* = {f_star:.3g}"

@@ -264,3 +264,13 @@ def test_difference_operator_shapes():
     u = orbit_factor(2, 3, np.array([1.0, 3.0]), 4.0)
     x = np.array([1, 0, 0, 1, 1, 1.0])                  # totals 1, 3 -> fractions 0.25/0.75: no penalty
     np.testing.assert_allclose(u @ x, 0, atol=1e-12)
+
+
+def test_regularization_matvec_equals_the_dense_matrix():
+    from cubefit_mpi.numerics.regularization import Regularization
+
+    reg = Regularization.build(2, 6, ridge=0.3, regul=0.7, regul_order=1, pop_shape=(2, 3),
+                               orbit_targets=np.array([1.0, 3.0]), orbit_strength=2.0)
+    x = np.random.default_rng(3).standard_normal(12)
+    np.testing.assert_allclose(reg.matvec(x), reg.dense() @ x, rtol=1e-13, atol=1e-13)
+    assert reg.penalty(x) == pytest.approx(0.5 * x @ reg.dense() @ x, rel=1e-13)

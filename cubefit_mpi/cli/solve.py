@@ -50,6 +50,12 @@ def register(sub) -> None:
     g.add_argument("--exact-method", default=exact("exact_method"), help="auto | gram | working-set (default %(default)s)")
     g.add_argument("--no-cache", action="store_true", help="recompute the Gram matrix even if /Solve holds it")
     g.add_argument("--no-verify", action="store_true", help="skip the separate chi2 residual pass")
+    g.add_argument("--add-degree", type=int, default=exact("add_degree"), metavar="D",
+                   help="additive Legendre polynomials up to degree D per spectrum, eliminated exactly "
+                        "(pPXF's degree; -1 or left out: none); stored at /Solve/add_poly")
+    g.add_argument("--mult-degree", type=int, default=exact("mult_degree"), metavar="D",
+                   help="multiplicative Legendre polynomials of degrees 1..D per spectrum (pPXF's mdegree; "
+                        "0 or left out: none), by exact alternating steps; stored at /Solve/mult_poly")
     p.add_argument("--orbit-weights", default=None, metavar="DATASET|FILE|a,b,c",
                    help="target fractions of the component totals")
     p.add_argument("--orbit-mode", default=exact("orbit_mode"), choices=ORBIT_MODES,
@@ -89,10 +95,14 @@ def cmd_solve(args, comm) -> int:
         if args.method != "exact":
             raise InputError(f"--bootstrap: needs --method exact (it reuses the exact fit's normal equations), "
                              f"got --method {args.method}")
+        from ..solvers.uncertainty import refuse_polynomials
+
+        refuse_polynomials(args.add_degree, args.mult_degree, "--bootstrap")     # before anything is written
     runner = PipelineRunner(args.file, comm=comm)
     common = dict(orbit_weights=args.orbit_weights, orbit_strength=args.orbit_strength, orbit_mode=args.orbit_mode,
                   orbit_totals=args.orbit_totals,
-                  use_weights=not args.no_weights, **operator_options(args))
+                  use_weights=not args.no_weights, add_degree=args.add_degree, mult_degree=args.mult_degree,
+                  **operator_options(args))
     if args.method == "exact":
         x, stats = runner.solve("exact", blas_threads=args.blas_threads, ridge=args.ridge, regul=args.regul,
                                 regul_order=args.regul_order, use_cache=not args.no_cache,
@@ -106,6 +116,12 @@ def cmd_solve(args, comm) -> int:
         line = f"solved {args.file}:/X_global ({stats.get('method', args.method)}): chi2={stats.get('chi2', float('nan')):.10g}"
         if "kkt.ok" in stats:
             line += f", KKT certificate {'OK' if stats['kkt.ok'] else 'NOT MET'}"
+        if stats.get("poly.mult_degree", 0) > 0:
+            line += (f", polynomials (additive degree {stats['poly.add_degree']}, multiplicative degree "
+                     f"{stats['poly.mult_degree']}) in {stats['poly.iterations']} iteration(s)"
+                     f"{'' if stats['poly.converged'] else ' (NOT converged)'}")
+        elif stats.get("poly.add_degree", -1) >= 0:
+            line += f", additive polynomials of degree {stats['poly.add_degree']}"
         print(line + f", component totals {totals}, {stats.get('seconds', 0):.1f}s on {comm.Get_size()} rank(s)")
     if args.bootstrap:
         from ..solvers.uncertainty import bootstrap_uncertainty

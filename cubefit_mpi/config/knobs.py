@@ -32,6 +32,7 @@ from .errors import KnobError
 JOBSCRIPT_VARIABLES = frozenset({"CUBEFIT_FILE", "CUBEFIT_MOCK", "CUBEFIT_NORM", "CUBEFIT_METHOD", "CUBEFIT_OUT",
                                  "CUBEFIT_STEPS", "CUBEFIT_THREADS", "CUBEFIT_RANKS", "CUBEFIT_REPEATS"})
 _JOBSCRIPT_ARGS = re.compile(r"CUBEFIT_[A-Z]+_ARGS$")
+NNLS_GRAM_METHODS = ("auto", "lawson-hanson", "block-pivoting")   # numerics.nnls_select runs them
 
 _WARM = "`solve --method kaczmarz --warm-start jacobi` (or `exact`, `resume`)"
 _BACKTRACK = "CUBEFIT_TILE_BT_STEPS / CUBEFIT_TILE_BT_FACTOR (backtracking of the aggregated step)"
@@ -144,6 +145,12 @@ class Knobs:
     tile_bt_steps: int = _knob("CUBEFIT_TILE_BT_STEPS", 6, "backtracking steps for aggregated dR", minimum=0)
     tile_bt_factor: float = _knob("CUBEFIT_TILE_BT_FACTOR", 0.5, "aggregated alpha shrink", minimum=0.0, maximum=1.0)
     global_tau: float = _knob("CUBEFIT_GLOBAL_TAU", 0.5, "global step cap sum dx^2 E vs ||Y||", minimum=0.0)
+    epoch_guard: bool = _knob("CUBEFIT_EPOCH_GUARD", True,
+                              "Kaczmarz: track 1/2 chi2 per epoch, return the best iterate, undo an epoch that "
+                              "raised it")
+    epoch_damp: float = _knob("CUBEFIT_EPOCH_DAMP", 0.5,
+                              "Kaczmarz: relaxation of every later epoch multiplied by this after an undone epoch",
+                              minimum=0.0, maximum=1.0)
     global_energy_blend: float = _knob("CUBEFIT_GLOBAL_ENERGY_BLEND", 1e-3,
                                        "blend of global column energy in denominators", minimum=0.0)
     nnls_enable: bool = _knob("CUBEFIT_NNLS_ENABLE", True, "tile-local weighted NNLS polish")
@@ -159,6 +166,9 @@ class Knobs:
     nnls_l2: float = _knob("CUBEFIT_NNLS_L2", 0.0, "ridge rho of the exact solve (rho/2 ||x||^2)", minimum=0.0)
     gram_max_bytes: int = _knob("CUBEFIT_GRAM_MAX_BYTES", 0,
                                 "max bytes of the dense Gram matrix (0: from node memory and ranks)", minimum=0)
+    nnls_gram_method: str = _knob("CUBEFIT_NNLS_GRAM_METHOD", "auto",
+                                  "exact NNLS on the Gram matrix (auto: by N and the expected density)",
+                                  choices=NNLS_GRAM_METHODS)
     # --- lambda-weights ---------------------------------------------------------------------
     lambda_weights_enable: bool = _knob("CUBEFIT_LAMBDA_WEIGHTS_ENABLE", True, "use lambda-weights in solvers")
     lambda_weights_dset: str = _knob("CUBEFIT_LAMBDA_WEIGHTS_DSET", "/HyperCube/lambda_weights",

@@ -38,6 +38,9 @@ SPAXELS_BIN_MAP = "/Spaxels/bin_map"        # (ny, nx) int64 bin id used per spa
 SPAXELS_N_MEMBERS = "/Spaxels/n_members"    # (S,) int64 spaxels combined into each spectrum
 SPAXELS_DROPPED = "/Spaxels/dropped_yx"     # (n, 2) int64 spaxels left out: no usable value
 SOLVE = "/Solve"                    # exact solver cache & certificate
+ADD_POLY = "/Solve/add_poly"        # (S, D_a + 1) float64 additive Legendre coefficients (solve --add-degree)
+MULT_POLY = "/Solve/mult_poly"      # (S, D_m) float64 multiplicative Legendre coefficients (solve --mult-degree)
+X_EXACT = "/Solve/x_exact"          # (C*P,) the exact /X_global, kept when Kaczmarz overwrites it
 UNCERTAINTY = "/Uncertainty"        # bootstrap of the exact fit (solvers.uncertainty)
 UNCERTAINTY_REPLICATES = "/Uncertainty/replicates"   # (R, N) float32, row r = replicate r's x
 UNCERTAINTY_DONE = "/Uncertainty/_done"              # (R,) uint8, 1 = row r is final

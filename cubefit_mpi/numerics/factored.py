@@ -105,18 +105,67 @@ def population_blocks(n_pop: int, block: int) -> list[tuple[int, int]]:
     return [(p0, min(p0 + block, n_pop)) for p0 in range(0, n_pop, block)]
 
 
-def gram_block(m_cckk: np.ndarray, basis_w: np.ndarray, pa: tuple[int, int], pb: tuple[int, int]) -> np.ndarray:
+def gram_block(m_cckk: np.ndarray, basis_w: np.ndarray, pa: tuple[int, int], pb: tuple[int, int],
+               pixel_weights: np.ndarray | None = None) -> np.ndarray:
     """``G[:, pa, :, pb]`` as ``(C, |pa|, C, |pb|)``, with ``M`` given as ``(C·C, K·K)`` over
-    ``[c, c', k, k']``.  One GEMM for Φ's block, one for the contraction.  Local."""
+    ``[c, c', k, k']``.  One GEMM for Φ's block, one for the contraction.  Local.
+
+    ``pixel_weights (L_used,)``: Φ weighted once more per pixel, ``Σ_λ r_λ B B ᵀ`` (the
+    multiplicative polynomials' terms, :func:`weighted_gram_block`).
+    """
     K = basis_w.shape[0]
     a0, a1 = pa
     b0, b1 = pb
     na, nb = a1 - a0, b1 - b0
     left = basis_w[:, a0:a1].reshape(K * na, -1)
+    if pixel_weights is not None:
+        left = left * pixel_weights
     right = basis_w[:, b0:b1].reshape(K * nb, -1)
     phi = (left @ right.T).reshape(K, na, K, nb).transpose(0, 2, 1, 3).reshape(K * K, na * nb)
     C = int(round(np.sqrt(m_cckk.shape[0])))
     return (m_cckk @ phi).reshape(C, C, na, nb).transpose(0, 2, 1, 3)
+
+
+def weighted_gram_block(m_terms: np.ndarray, basis_w: np.ndarray, pixel_weights: np.ndarray,
+                        pa: tuple[int, int], pb: tuple[int, int]) -> np.ndarray:
+    """``Σ_j`` :func:`gram_block` ``(m_terms[j], …, pixel_weights[j])``: G of spectra weighted
+    by ``Σ_j h_sj r_j(λ)`` when ``m_terms[j] = Σ_s h_sj κ_s κ_sᵀ`` (each ``(C·C, K·K)``).  Local.
+
+    Parameters
+    ----------
+    m_terms : (J, C·C, K·K) float64
+    basis_w : (K, P, L_used) float64
+    pixel_weights : (J, L_used) float64
+    """
+    out = gram_block(m_terms[0], basis_w, pa, pb, pixel_weights[0])
+    for j in range(1, len(m_terms)):
+        out += gram_block(m_terms[j], basis_w, pa, pb, pixel_weights[j])
+    return out
+
+
+def spectrum_products(kappa: np.ndarray, basis_w: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """``Y[s] = A_wsᵀ V_s`` ``(n, C·P, k)`` for weighted vectors ``V (n, L_used, k)``, where
+    ``A_ws[λ, (c,p)] = Σ_k κ[s,c,k] B_w[k,p,λ]``.  Local."""
+    n, C, K = kappa.shape
+    P, L = basis_w.shape[1], basis_w.shape[2]
+    k = vectors.shape[2]
+    flat = np.ascontiguousarray(np.swapaxes(vectors, 1, 2)).reshape(n * k, L)
+    proj = (flat @ basis_w.reshape(K * P, L).T).reshape(n, k, K, P)        # one GEMM for the tile
+    proj = np.ascontiguousarray(proj.transpose(0, 2, 3, 1)).reshape(n, K, P * k)
+    return np.matmul(kappa, proj).reshape(n, C * P, k)
+
+
+def mult_route_costs(S: int, C: int, K: int, P: int, L: int, n_terms: int, n_basis: int) -> tuple[float, float]:
+    """Multiply-adds of the normal equations with per-spectrum weights, ``(factored, per spaxel)``.  Local.
+
+    Factored: ``n_terms`` weighted Φ's and contractions, plus the per-spectrum projections'
+    correction (``n_basis`` vectors a spectrum); per spaxel: every spaxel's design made from the
+    factors (GEMM), projected, and its Gram (SYRK).
+    """
+    N = C * P
+    factored = n_terms * ((K * P) ** 2 * L + (C * K * P) ** 2) + S * (n_basis * (K * P * L + C * K * P + N * N))
+    spaxel = S * (C * K * P * L + N * N * L + 2 * N * L * n_basis)
+    return float(factored), float(spaxel)
 
 
 def m_for_contraction(m: np.ndarray, n_comp: int, n_taps: int) -> np.ndarray:

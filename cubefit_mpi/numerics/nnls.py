@@ -19,7 +19,8 @@ from .certificate import as_gram_system, zero_column_mask
 logger = logging.getLogger(__name__)
 
 _EPS = np.finfo(np.float64).eps
-_PIVOT_RTOL = 1e-13  # squared pivot (unit-diagonal metric) below this: dependent column
+PIVOT_RTOL = 1e-13  # squared pivot (unit-diagonal metric) below this: dependent column
+_PIVOT_RTOL = PIVOT_RTOL
 _GRAD_NOISE = 16.0 * _EPS  # relative rounding noise allowed on the scaled gradient
 _MATVEC_CHUNK_ELEMENTS = 1 << 23  # row chunk (elements) of the passive-rows matvec
 _GIVENS_MIN_SIZE = 256  # smaller passive sets refactor on removal (cheaper than Python loops)

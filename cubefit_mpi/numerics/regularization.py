@@ -110,6 +110,13 @@ class Regularization:
             out += (self.low_rank ** 2).sum(axis=0)
         return out
 
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """``R x`` without forming R, ``(N,)`` float64.  Local."""
+        out = self.sparse @ x
+        if self.low_rank is not None:
+            out = out + self.low_rank.T @ (self.low_rank @ x)
+        return out
+
     def penalty(self, x: np.ndarray) -> float:
         """``½ xᵀ R x``.  Local."""
         value = float(x @ (self.sparse @ x))

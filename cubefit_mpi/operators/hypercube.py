@@ -9,8 +9,6 @@ skipped: only the lit components' columns are formed and accumulated.
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from ..io import layout as lay
@@ -18,17 +16,9 @@ from ..io.blocks import read_block
 from ..io.h5file import open_h5, open_uncached
 from ..numerics.reconstruction import active_blocks, contract_block
 from ..numerics.support import lit_columns, tile_support
-from ..parallel.collectives import allreduce_sum, reduce_sum, reduce_upper_to_root
 from ..parallel.decomposition import padded_schedule, tile_bounds
 from ..parallel.timers import PhaseTimer
-from .base import Operator, Weighting
-
-
-def _syrk_update(gram: np.ndarray, design: np.ndarray) -> None:
-    """``gram[upper] += design @ design.T`` in place (gram Fortran-ordered)."""
-    from scipy.linalg.blas import dsyrk
-
-    dsyrk(1.0, design.T, beta=1.0, c=gram, trans=1, lower=0, overwrite_c=1)
+from .base import Operator, Weighting, weigh_spectrum
 
 
 class HypercubeOperator(Operator):
@@ -53,16 +43,10 @@ class HypercubeOperator(Operator):
         return dict(self._provenance)
 
     def design_blocks(self, weighting: Weighting, comm, *, need_data: bool = True, timer: PhaseTimer | None = None):
-        """Yield this rank's weighted design blocks ``(cols, B (n_cols, L_used), z (L_used,))``, one
-        per spaxel.
-
+        """This rank's weighted design blocks ``(cols, B (n_cols, L_used), z (L_used,))``, one per
+        spaxel (:meth:`.base.Operator.design_blocks`), from the tiles as stored (each read once):
         ``cols`` are the columns of the components lit on the spaxel's tile (all N when every
-        component is; the same array object for every spaxel of a tile), ``B[j, λ] = √w_λ
-        A[s, cols[j], λ]`` over the unmasked pixels, float64, C-contiguous (a view into a buffer
-        reused for the next spaxel); ``z = √w y_s``.  Collective over comm: every rank makes the
-        same number of collective reads, so iterate the generator to the end on every rank.
-        ``timer`` (optional) gets the reads as phase ``io``.
-        """
+        component is).  Collective over comm."""
         timer = timer or PhaseTimer()
         sqrt_w, used = weighting.sqrt_w, weighting.used
         all_used = used.size == self.L
@@ -84,79 +68,28 @@ class HypercubeOperator(Operator):
                     y_tile = read_block(data, (s0, 0), (s1 - s0, self.L)) if need_data else None
                 cols = lit_columns(self.tile_support[index[tile]], self.P)
                 design = buf[:cols.size]
+                factors, bases = weighting.factors(s0, s1), weighting.bases(s0, s1)
                 for i in range(s1 - s0):
                     a_s = a_tile[i].reshape(n, self.L)
                     if cols.size < n:
                         a_s = a_s[cols]
                     np.multiply(a_s if all_used else a_s[:, used], sqrt_w, out=design)
-                    yield cols, design, (y_tile[i, used] * sqrt_w if need_data else None)
+                    target = y_tile[i, used] * sqrt_w if need_data else None
+                    target = weigh_spectrum(design, target, None if factors is None else factors[i],
+                                            None if bases is None else bases[i])
+                    yield cols, design, target
 
-    def normal_equations(self, weighting: Weighting, comm) -> dict:
-        t0 = time.perf_counter()
-        n = self.n_params
-        gram = np.zeros((n, n), order="F")
-        rhs = np.zeros(n)
-        yy = 0.0
-        timer = PhaseTimer()
-        blocks = self.design_blocks(weighting, comm, timer=timer)
-        sub, sub_cols = None, None
-        while True:
-            with timer.phase("compute"):            # includes the masking/scaling copy in the generator
-                item = next(blocks, None)
-                if item is None or (sub_cols is not None and item[0] is not sub_cols):
-                    if sub is not None:             # a tile with dark components ends: add its block
-                        gram[np.ix_(sub_cols, sub_cols)] += sub
-                    sub, sub_cols = None, None
-                if item is None:
-                    break
-                cols, design, target = item
-                if cols.size == n:
-                    _syrk_update(gram, design)
-                else:
-                    if sub is None:
-                        sub, sub_cols = np.zeros((cols.size, cols.size), order="F"), cols
-                    _syrk_update(sub, design)
-                rhs[cols] += design @ target
-                yy += float(target @ target)
-        timer.seconds["compute"] -= timer.seconds["io"]
-        t_pass = time.perf_counter() - t0
-        with timer.phase("comm"):
-            rhs = allreduce_sum(rhs, comm)
-            yy = float(allreduce_sum(np.array([yy]), comm)[0])
-            gram = reduce_upper_to_root(gram, comm)
-            diag = comm.bcast(None if gram is None else gram.diagonal().copy(), root=0)
-        return {"gram": gram, "rhs": rhs, "yy": yy, "diag": diag, "pass_seconds": t_pass,
-                "reduce_seconds": time.perf_counter() - t0 - t_pass, "phases": dict(timer.seconds),
-                "phases_by_rank": timer.by_rank(comm)}
-
-    def diagonal_pass(self, weighting: Weighting, comm) -> dict:
-        n = self.n_params
-        rhs, diag, yy = np.zeros(n), np.zeros(n), 0.0
-        for cols, design, target in self.design_blocks(weighting, comm):
-            rhs[cols] += design @ target
-            diag[cols] += np.einsum("ij,ij->i", design, design)
-            yy += float(target @ target)
-        return {"rhs": allreduce_sum(rhs, comm), "diag": allreduce_sum(diag, comm),
-                "yy": float(allreduce_sum(np.array([yy]), comm)[0])}
-
-    def gram_columns(self, weighting: Weighting, cols: np.ndarray, comm) -> np.ndarray | None:
-        wanted = np.asarray(cols, dtype=int)
-        block = np.zeros((self.n_params, wanted.size))
-        position = np.full(self.n_params, -1)
-        for lit, design, _ in self.design_blocks(weighting, comm, need_data=False):
-            position[:] = -1
-            position[lit] = np.arange(lit.size)
-            here = np.flatnonzero(position[wanted] >= 0)      # requested columns lit on this tile
-            if here.size:
-                block[np.ix_(lit, here)] += design @ design[position[wanted[here]]].T
-        return reduce_sum(block, comm)
-
-    def residual_chi2(self, weighting: Weighting, x: np.ndarray, comm) -> float:
-        chi2 = 0.0
-        for cols, design, target in self.design_blocks(weighting, comm):
-            resid = target - x[cols] @ design
-            chi2 += float(resid @ resid)
-        return float(allreduce_sum(np.array([chi2]), comm)[0])
+    def products(self, f, tile, used: np.ndarray, vectors: np.ndarray | None) -> np.ndarray | None:
+        models = f[lay.MODELS]
+        if tile is None:
+            read_block(models, None, None)
+            return None
+        s0, s1 = tile
+        a_tile = read_block(models, (s0, 0, 0, 0), (s1 - s0, self.C, self.P, self.L))
+        out = np.empty((s1 - s0, self.n_params, vectors.shape[2]))
+        for i in range(s1 - s0):
+            out[i] = a_tile[i].reshape(self.n_params, self.L)[:, used].astype(np.float64) @ vectors[i]
+        return out
 
     def adjoint(self, f, tile, weighting: Weighting, v_w: np.ndarray | None) -> np.ndarray | None:
         models = f[lay.MODELS]

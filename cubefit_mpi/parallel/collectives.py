@@ -4,6 +4,7 @@ unless noted.
 """
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import numpy as np
@@ -70,6 +71,29 @@ def bcast_array(array, comm=None, root: int = 0) -> np.ndarray:
     for lo in range(0, max(flat.size, 1), MAX_MSG_ELEMENTS):
         comm.Bcast(flat[lo:lo + MAX_MSG_ELEMENTS], root=root)
     return buf
+
+
+def wait_for_root(comm=None, root: int = 0, max_sleep: float = 0.005) -> float:
+    """Return on every rank once ``root`` has called this too; the others sleep meanwhile.  Collective over comm.
+
+    For a stretch where ``root`` works alone (rank 0's NNLS): MPICH busy-polls inside a blocking
+    collective such as ``MPI_Bcast``, so the waiting ranks would take the cores the root's BLAS
+    threads need.  Here every rank posts an ``Ibarrier``; the waiting ranks test it between
+    sleeps of 0.1 ms doubling up to ``max_sleep`` seconds.  Returns the seconds waited.
+    """
+    comm = get_comm(comm)
+    t0 = time.perf_counter()
+    if comm.Get_size() == 1:
+        return 0.0
+    request = comm.Ibarrier()
+    if comm.Get_rank() == root:
+        request.Wait()
+        return time.perf_counter() - t0
+    pause = 1e-4
+    while not request.Test():
+        time.sleep(pause)
+        pause = min(2.0 * pause, max_sleep)
+    return time.perf_counter() - t0
 
 
 def agree(value, comm=None, root: int = 0):

@@ -52,7 +52,7 @@ def predict_factored_solve(problem: sm.Problem, machine: sm.Machine, layout: sm.
     comm = (sm.message_seconds(machine, ranks, ck * ck * sm.BYTES_F64)
             + (problem.N ** 2 / 2.0 * sm.BYTES_F64 / machine.bandwidth if ranks > 1 else 0.0)
             + 2 * sm.message_seconds(machine, ranks, problem.N * sm.BYTES_F64))
-    serial = sm.nnls_seconds(machine, problem.N, problem.k)
+    serial = sm.nnls_seconds(machine, problem.N, problem.k, "auto")
     notes = [f"{layout.ranks_per_node} rank(s) per node x {threads} threads (G of "
              f"{problem.N ** 2 * sm.BYTES_F64 / 2**30:.1f} GiB on rank 0)"]
     if problem.N ** 2 * sm.BYTES_F64 > machine.gram_budget(layout.ranks_per_node):

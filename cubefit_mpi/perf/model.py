@@ -20,8 +20,12 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from ..numerics.nnls_select import AUTO_LH_FRACTION, AUTO_MIN_N
 from ..solvers.limits import gram_budget_for, gram_reduce_row_blocks, working_set_block
 
+NNLS_BLAS3_EFFICIENCY = 0.6         # blocked Cholesky on all of a node's cores: this share of cores x F (assumed)
+LH_ITERATIONS_PER_K = 2.0           # Lawson–Hanson iterations per final non-zero weight, sparse fits (measured)
+PIVOT_STREAMS = 2.0                 # passes over G per block-pivoting iteration (gradient, refinement; 1.8 measured)
 BYTES_F32, BYTES_F64 = 4, 8
 REAL_GALAXY = (3000, 200, 360, 1250)            # S, C, P, L of the fit the model is made for
 NODE_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000)
@@ -31,6 +35,7 @@ GENERIC_NODE = {"name": "generic CPU node (assumed)", "cores_per_node": 128, "no
                 "write_bw_rank": 1.0e9, "write_bw_node": 5.0e9, "write_bw_fs": 200e9,
                 "read_bw_rank": 2.0e9, "read_bw_node": 10.0e9, "read_bw_fs": 300e9,
                 "io_round_seconds": 5e-3, "read_tile_seconds": 1e-3, "latency": 2e-6, "bandwidth": 12.5e9,
+                "node_mem_bandwidth": 200e9,
                 "build_setup_seconds": 5.0, "solve_setup_seconds": 2.0}
 
 
@@ -119,7 +124,9 @@ class Machine:
     (= P·nfft·log2 nfft where it was measured; other sizes scale with that work),
     ``blas_flops`` (SYRK/GEMM flop/s of one core), ``design_seconds_per_elem`` (per element of
     a weighted design block: read-convert-scale), ``mem_bandwidth`` (one core streaming),
-    ``nnls_iter_seconds`` (fixed cost of one NNLS iteration).  I/O: per rank alone, per node
+    ``nnls_iter_seconds`` (fixed cost of one Lawson–Hanson iteration), ``node_mem_bandwidth``
+    (all of a node's cores streaming together, for rank 0's block-pivoting NNLS; 0: cores ×
+    ``mem_bandwidth``).  I/O: per rank alone, per node
     (all its ranks together) and for the whole file system (``inf``: no shared limit), and
     the fixed cost of one collective write round (``io_round_seconds``) or tile read
     (``read_tile_seconds``).  Network: ``latency`` and ``bandwidth`` of one message step.
@@ -155,6 +162,7 @@ class Machine:
     build_setup_seconds: float = 0.0
     solve_setup_seconds: float = 0.0
     gram_max_bytes: float = 0.0
+    node_mem_bandwidth: float = 0.0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -183,6 +191,11 @@ class Machine:
     def to_dict(self) -> dict:
         """JSON-safe dict (infinity as ``"inf"``).  Local."""
         return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def node_bandwidth(self) -> float:
+        """Bytes/s all of a node's cores stream together (``node_mem_bandwidth``; 0: cores × one core's)."""
+        return self.node_mem_bandwidth or self.mem_bandwidth * self.cores_per_node
 
     def gram_budget(self, ranks_per_node: int) -> float:
         """Bytes one rank may spend on the N×N Gram matrix, as the solver decides.  Local."""
@@ -273,8 +286,8 @@ def message_seconds(machine: Machine, ranks: int, nbytes: float) -> float:
     return math.ceil(math.log2(ranks)) * machine.latency + 2.0 * (ranks - 1) / ranks * nbytes / machine.bandwidth
 
 
-def nnls_seconds(machine: Machine, n_params: int, k: int) -> float:
-    """Rank 0's active-set NNLS on an N×N system ending with k passive columns.  Local.
+def lawson_hanson_seconds(machine: Machine, n_params: int, k: int) -> float:
+    """Lawson–Hanson on an N×N system ending with k passive columns, one core.  Local.
 
     k iterations; iteration j computes the gradient from the j passive rows of G (j·N doubles
     streamed) and updates a j×j Cholesky factor: Σ_j ≈ k²N/2 doubles + k³/3 multiply-adds.
@@ -283,6 +296,51 @@ def nnls_seconds(machine: Machine, n_params: int, k: int) -> float:
     stream = BYTES_F64 * k * k * n_params / 2.0 / machine.mem_bandwidth
     flops = 2.0 * k**3 / 3.0 / machine.blas_flops
     return k * machine.nnls_iter_seconds + stream + flops
+
+
+def pivot_counts(n_params: int) -> tuple[int, int]:
+    """(iterations, factorizations) of block pivoting, fitted to the MILES measurements.  Local.
+
+    Measured (``docs/performance.md``, regul 1e3): N = 848: 20 and 5; 3,392: 29 and 6;
+    19,928: 38 and 9 -- about ``8 + 4 log2(N/100)`` and ``1 + 1.1 log2(N/100)``.
+    """
+    doublings = math.log2(max(int(n_params), 100) / 100.0)
+    return int(math.ceil(8 + 4 * doublings)), int(math.ceil(1 + 1.1 * doublings))
+
+
+def block_pivoting_seconds(machine: Machine, n_params: int, k: int) -> float:
+    """Block pivoting on rank 0 with the node's cores as BLAS threads (the others asleep).  Local.
+
+    The first factorization covers all N columns (every b_j > 0), the others ≈ k; the later
+    iterations go through Schur complements (counted in the streams).  Each iteration streams
+    G ≈ :data:`PIVOT_STREAMS` times (gradient, refinement) and each factorization gathers
+    G[F, F]: ``(N³ + (R − 1) k³) / 3 / (F · cores · ε) + (I · s · 8N² + R · 8k²) / B_node``.
+    """
+    n, k = int(n_params), max(int(k), 0)
+    iterations, factors = pivot_counts(n)
+    flops = (float(n) ** 3 + (factors - 1) * float(k) ** 3) / 3.0
+    rate = machine.blas_flops * machine.cores_per_node * NNLS_BLAS3_EFFICIENCY
+    stream = BYTES_F64 * (iterations * PIVOT_STREAMS * float(n) ** 2 + factors * float(k) ** 2)
+    return flops / rate + stream / machine.node_bandwidth
+
+
+def nnls_seconds(machine: Machine, n_params: int, k: int, method: str = "lawson-hanson") -> float:
+    """Rank 0's exact NNLS on an N×N system ending with k non-zero weights.  Local.
+
+    ``method`` as ``CUBEFIT_NNLS_GRAM_METHOD``; ``"auto"`` as the solver's rule
+    (:mod:`cubefit_mpi.numerics.nnls_select`): Lawson–Hanson when N < ``AUTO_MIN_N`` or when it
+    ends within its budget of ``max(AUTO_MIN_N, N/8)`` iterations (≈ 2k measured on sparse
+    fits), block pivoting otherwise (dense, smoothed solutions).
+    """
+    if method == "auto":
+        budget = max(AUTO_MIN_N, AUTO_LH_FRACTION * n_params)
+        sparse = n_params < AUTO_MIN_N or LH_ITERATIONS_PER_K * k <= budget
+        method = "lawson-hanson" if sparse else "block-pivoting"
+    if method == "lawson-hanson":
+        return lawson_hanson_seconds(machine, n_params, k)
+    if method == "block-pivoting":
+        return block_pivoting_seconds(machine, n_params, k)
+    raise ValueError(f"NNLS method {method!r}: expected auto, lawson-hanson or block-pivoting")
 
 
 def build_sc_seconds(problem: Problem, machine: Machine) -> float:
@@ -380,7 +438,7 @@ def predict_solve(problem: Problem, machine: Machine, layout: Layout, method: st
         compute, io = _pass(problem, machine, layout, per_spaxel)
         comm = message_seconds(machine, layout.ranks, gram_reduce_elements(n) * BYTES_F64) \
             + 2 * message_seconds(machine, layout.ranks, n * BYTES_F64)
-        serial = nnls_seconds(machine, n, k)
+        serial = nnls_seconds(machine, n, k, "auto")
         passes = 1
     elif method == "working-set":
         block = working_set_block(n)
@@ -398,7 +456,7 @@ def predict_solve(problem: Problem, machine: Machine, layout: Layout, method: st
         comm = 3 * message_seconds(machine, layout.ranks, n * BYTES_F64) + col_passes * (
             message_seconds(machine, layout.ranks, n * block * BYTES_F64)
             + 2 * message_seconds(machine, layout.ranks, n * BYTES_F64))
-        serial = sum(nnls_seconds(machine, min(j * block, n), min(k, j * block))
+        serial = sum(nnls_seconds(machine, min(j * block, n), min(k, j * block), "auto")
                      + BYTES_F64 * n * j * block / machine.mem_bandwidth for j in range(1, col_passes + 1))
         passes = 1 + col_passes
         notes.append(f"N²·8 = {n * n * 8 / 2**30:.1f} GiB per rank does not fit the budget "

@@ -131,6 +131,12 @@ SCHEMA: dict[str, dict[str, Option]] = {
                            "absolute component totals", "str", choices=ORBIT_TOTALS),
         "orbit_strength": _O(default_of(solve_kaczmarz, "orbit_strength"), "strength of the orbit-weight penalty: mu (exact; required in penalty mode) or the fraction of the way to the targets per tile (kaczmarz; null = 0.1)", "float", minimum=0.0, nullable=True),
         "use_weights": _O(default_of(solve_exact, "use_weights"), "weight pixels by /HyperCube/lambda_weights", "bool"),
+        "add_degree": _O(default_of(solve_exact, "add_degree"), "additive Legendre polynomials up to this degree per "
+                         "spectrum, eliminated exactly (pPXF's degree; null or -1 = none; exact method only)", "int",
+                         minimum=-1, nullable=True),
+        "mult_degree": _O(default_of(solve_exact, "mult_degree"), "multiplicative Legendre polynomials of degrees 1..D "
+                          "per spectrum (pPXF's mdegree; null or 0 = none; exact method only)", "int", minimum=0,
+                          nullable=True),
         "epochs": _O(default_of(solve_kaczmarz, "epochs"), "Kaczmarz epochs", "int", minimum=1),
         "lr": _O(default_of(solve_kaczmarz, "lr"), "Kaczmarz base learning rate", "float", minimum=0.0),
         "warm_start": _O(default_of(solve_kaczmarz, "warm_start"), "Kaczmarz start: zeros, exact, resume or jacobi", "str",

@@ -139,7 +139,7 @@ def _run_step(step: str, cfg: dict, comm) -> None:
 
         common = dict(orbit_weights=opts["orbit_weights"], orbit_strength=opts["orbit_strength"],
                       orbit_mode=opts["orbit_mode"], orbit_totals=opts["orbit_totals"],
-                      use_weights=opts["use_weights"])
+                      use_weights=opts["use_weights"], add_degree=opts["add_degree"], mult_degree=opts["mult_degree"])
         runner = PipelineRunner(path, comm=comm)
         if opts["method"] == "exact":
             runner.solve("exact", ridge=opts["ridge"], regul=opts["regul"], regul_order=opts["regul_order"],

@@ -40,6 +40,8 @@ class PipelineRunner:
         """
         if method not in METHODS:
             raise InputError(f"--method {method}: expected one of {', '.join(METHODS)}")
+        if method == "kaczmarz":
+            refuse_polynomials(options.pop("add_degree", None), options.pop("mult_degree", None))
         with _blas_limits(blas_threads):
             if method == "exact":
                 from ..solvers.exact import solve_exact
@@ -69,6 +71,21 @@ class PipelineRunner:
         given = dict(epochs=epochs, lr=lr, project_nonneg=project_nonneg, orbit_weights=orbit_weights)
         options.update({k: v for k, v in given.items() if v is not None})
         return self.solve("kaczmarz", blas_threads=blas_threads, **options)
+
+
+def refuse_polynomials(add_degree, mult_degree) -> None:
+    """Kaczmarz fits no polynomials: :class:`InputError` when either is asked for.  Local.
+
+    Its band designs are the float32 blocks as read (or made) and used in place, one product
+    with them per step; projecting every spectrum's rows off the polynomials would need a
+    float64 copy of each block per visit (the cost the design avoids), and multiplicative
+    polynomials change the design between epochs.
+    """
+    asked = [f"{name} {value}" for name, value, off in (("--add-degree", add_degree, -1), ("--mult-degree", mult_degree, 0))
+             if value is not None and value != off]
+    if asked:
+        raise InputError(f"{', '.join(asked)}: polynomials are fitted by the exact method only (--method exact); "
+                         f"the Kaczmarz solver works on the stored models as they are")
 
 
 class _blas_limits:

@@ -2,8 +2,9 @@
 
 1. One streaming pass forms G = AᵀWA, b = AᵀWy, yᵀWy (float64) per rank, reduced to rank 0,
    and cached under ``/Solve`` with provenance attributes (a stale cache is detected and rebuilt).
-2. Rank 0 adds the optional quadratic terms (ridge, smoothness, orbit weights) and runs the
-   active-set NNLS on (G, b); x is broadcast.
+2. Rank 0 adds the optional quadratic terms (ridge, smoothness, orbit weights) to G in place and
+   runs the exact NNLS on (G, b) (:mod:`.root_nnls`: Lawson–Hanson or block pivoting,
+   ``CUBEFIT_NNLS_GRAM_METHOD``); x is broadcast.
 3. The certificate is computed independently of the solver; χ² is recomputed by a separate
    residual pass over the hypercube and compared with yᵀWy − 2bᵀx + xᵀGx.
 
@@ -23,8 +24,8 @@ from ..config.options import check_number, keyword_checked
 from ..io import layout as lay
 from ..io.blocks import write_block
 from ..io.h5file import open_h5
-from ..numerics.certificate import certificate_dict, certify
-from ..numerics.nnls import nnls_gram
+from ..io.polynomials import write_polynomials
+from ..numerics.certificate import certificate_dict
 from ..numerics.regularization import Regularization
 from ..parallel.collectives import bcast_array
 from ..parallel.comm import get_comm
@@ -32,6 +33,7 @@ from ..parallel.comm import ranks_on_node
 from .limits import gram_budget_for, node_memory_bytes
 from .gram import SolveInputs, load_solve_inputs, normal_equations, residual_chi2
 from .orbit import DEFAULT_ORBIT_MODE, DEFAULT_ORBIT_TOTALS, OrbitSpec, orbit_spec, parse_orbit_weights  # noqa: F401
+from .root_nnls import check_nnls_memory, exact_nnls, solve_on_root
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
 GRAM = "/Solve/gram"
@@ -67,18 +69,23 @@ def _cache_matches(f, provenance: dict) -> bool:
     return all(str(attrs.get(k, "")) == str(v) for k, v in provenance.items()) and bool(attrs.get("complete", False))
 
 
+def cached_gram(inputs: SolveInputs, comm=None) -> dict | None:
+    """G (rank 0 only, None elsewhere), b and yᵀWy from ``/Solve`` when it holds a current, complete
+    cache for these inputs (same models, data, mask and λ-weights), else None.  Collective over comm."""
+    comm = get_comm(comm)
+    with open_h5(inputs.path, "r", comm) as f:
+        if not _cache_matches(f, inputs.provenance):
+            return None
+        return {"gram": np.asarray(f[GRAM][...]) if comm.Get_rank() == 0 else None,
+                "rhs": np.asarray(f[RHS][...]), "yy": float(f[GRAM].attrs["yy"])}
+
+
 def gram_system(inputs: SolveInputs, *, use_cache: bool = True, comm=None) -> dict:
     """(G on rank 0, b, yᵀWy, diag) from the cache when current, else one pass (then cached).  Collective."""
     comm = get_comm(comm)
-    cached = None
-    with open_h5(inputs.path, "r", comm) as f:
-        if use_cache and _cache_matches(f, inputs.provenance):
-            rhs = np.asarray(f[RHS][...])
-            yy = float(f[GRAM].attrs["yy"])
-            gram = np.asarray(f[GRAM][...]) if comm.Get_rank() == 0 else None
-            cached = {"gram": gram, "rhs": rhs, "yy": yy, "pass_seconds": 0.0, "reduce_seconds": 0.0,
-                      "from_cache": True}
+    cached = cached_gram(inputs, comm) if use_cache else None
     if cached is not None:
+        cached.update(pass_seconds=0.0, reduce_seconds=0.0, from_cache=True)
         cached["diag"] = comm.bcast(cached["gram"].diagonal().copy() if comm.Get_rank() == 0 else None)
         _LOG.info("Gram matrix from the cache in %s (no pass over the hypercube)", inputs.path)
         return cached
@@ -105,8 +112,8 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
                 orbit_weights=None, orbit_strength: float | None = None, orbit_mode: str = DEFAULT_ORBIT_MODE,
                 orbit_totals: str = DEFAULT_ORBIT_TOTALS, use_cache: bool = True, verify: bool = True,
                 use_weights: bool = True, tol: float = 1e-10, exact_method: str = "auto", comm=None,
-                operator: str = "auto", norm_mode: str | None = None, amp_mode: str | None = None
-                ) -> tuple[np.ndarray, dict]:
+                operator: str = "auto", norm_mode: str | None = None, amp_mode: str | None = None,
+                add_degree: int | None = None, mult_degree: int | None = None) -> tuple[np.ndarray, dict]:
     """Solve for ``/X_global`` exactly.  Collective over comm.
 
     Parameters
@@ -127,19 +134,29 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
     operator : {"auto", "factored", "hypercube"}  where A comes from: its two factors (no
         hypercube needed) or ``/HyperCube/models`` (:mod:`cubefit_mpi.operators.select`)
     norm_mode, amp_mode : the normalisation of factored models of a file without a hypercube
+    add_degree : int, optional  additive Legendre terms up to this degree per spectrum, eliminated
+        exactly (None or -1: none); stored at ``/Solve/add_poly``
+    mult_degree : int, optional  multiplicative Legendre terms of degrees 1..D per spectrum (None
+        or 0: none), fitted by exact alternating steps (:mod:`.polynomials`); ``/Solve/mult_poly``
 
     Returns
     -------
     x : (C·P,) float64, row-major over (C, P)
     stats : dict (χ², certificate, sizes, timings)
     """
+    from .polynomials import check_degrees, fit_polynomials
+
     comm = get_comm(comm)
     t0 = time.perf_counter()
     ridge, regul = _check_terms(ridge, regul, regul_order)
+    add_degree, mult_degree = check_degrees(add_degree, mult_degree)
     inputs = load_solve_inputs(path, use_weights=use_weights, operator=operator, norm_mode=norm_mode,
-                               amp_mode=amp_mode, comm=comm)
+                               amp_mode=amp_mode, add_degree=add_degree, comm=comm)
     orbit = orbit_spec(orbit_weights, inputs.C, path, mode=orbit_mode, totals=orbit_totals, strength=orbit_strength)
     orbit_strength = _check_orbit_strength(orbit)
+    if orbit.strict and (add_degree >= 0 or mult_degree > 0):
+        raise InputError("--orbit-mode strict: not available with --add-degree / --mult-degree (use --orbit-mode "
+                         "penalty with --orbit-strength)")
     reg = Regularization.build(inputs.C, inputs.P, ridge=ridge, regul=regul, regul_order=regul_order,
                                pop_shape=population_shape(path, inputs.P, comm),
                                orbit_targets=orbit.targets if orbit.mode == "penalty" else None,
@@ -164,9 +181,14 @@ def solve_exact(path: str, *, ridge: float | None = None, regul: float = 0.0, re
         _verify(inputs, x, stats, comm)
     else:
         stats["chi2"] = stats["chi2_formula"]
+    polynomials = {}
+    if add_degree >= 0 or mult_degree > 0:
+        x, stats, polynomials = fit_polynomials(inputs, reg, x, stats, mult_degree, _solve_on_root, method=method,
+                                                tol=tol, gram_system=gram_system, comm=comm)
     stats["component_totals"] = x.reshape(inputs.C, inputs.P).sum(axis=1)
     stats["seconds"] = time.perf_counter() - t0
     _write_solution(path, x, stats, orbit, comm)
+    write_polynomials(path, x, polynomials, polynomials.get("attrs"), comm)
     _log_summary(stats)
     return x, stats
 
@@ -207,9 +229,10 @@ def _solve(method: str, inputs: SolveInputs, reg: Regularization, orbit: OrbitSp
 
         x, info = solve_working_set(inputs, reg, budget=budget, tol=tol, comm=comm)
         return x, dict(info)
+    check_nnls_memory(inputs.n_params, comm)
     system = gram_system(inputs, use_cache=use_cache, comm=comm)
     t_solve = time.perf_counter()
-    x, info = _solve_on_root(system, reg, orbit, inputs.P, tol, comm)
+    x, info = _solve_on_root(system, reg, tol, comm, orbit=orbit, n_pop=inputs.P)
     info.update(passes=0 if system["from_cache"] else 1, from_cache=system["from_cache"],
                 pass_seconds=system["pass_seconds"], reduce_seconds=system["reduce_seconds"],
                 solve_seconds=time.perf_counter() - t_solve, phases_by_rank=system.get("phases_by_rank", []))
@@ -255,49 +278,48 @@ def population_shape(path: str, n_pop: int, comm) -> tuple:
     return (n_pop,)
 
 
-def _solve_on_root(system: dict, reg: Regularization, orbit: OrbitSpec, n_pop: int, tol: float, comm
-                   ) -> tuple[np.ndarray, dict]:
-    """Rank 0 solves the (regularised, maybe constrained) system; x and the summary are broadcast;
-    an error on rank 0 is raised on every rank.  Collective over comm."""
-    from ..parallel.collectives import raise_if_any
+def _solve_on_root(system: dict, reg: Regularization, tol: float, comm, *, orbit: OrbitSpec | None = None,
+                   n_pop: int | None = None) -> tuple[np.ndarray, dict]:
+    """Rank 0 solves the (regularised) system (:func:`.root_nnls.solve_on_root`; under the strict
+    orbit constraints when ``orbit`` is strict); x and the summary are broadcast, an error on rank 0
+    is raised on every rank.  Collective."""
+    if orbit is not None and orbit.strict:
+        return _strict_on_root(system, reg, orbit, n_pop, tol, comm)
+    x, info = solve_on_root(system["gram"], system["rhs"], reg, tol=tol, comm=comm)
+    info.update(yy=system["yy"], objective=info["objective"] + 0.5 * system["yy"],
+                chi2_formula=system["yy"] - 2.0 * float(system["rhs"] @ x) + info.pop("curvature"))
+    return x, info
 
-    info = x = error = None
+
+def _strict_on_root(system: dict, reg: Regularization, orbit: OrbitSpec, n_pop: int, tol: float, comm
+                    ) -> tuple[np.ndarray, dict]:
+    """Rank 0's NNLS under the strict orbit constraints (:func:`.orbit.strict_nnls`, its inner NNLS the
+    package's :func:`.root_nnls.exact_nnls`); x and the summary broadcast, an error raised on every
+    rank.  Collective."""
+    from ..parallel.collectives import raise_if_any
+    from .orbit import strict_nnls
+
+    check_nnls_memory(int(np.asarray(system["rhs"]).size), comm, gram_held=True)
+    x = info = error = None
     if comm.Get_rank() == 0:
         try:
-            x, info = _root_solve(system, reg, orbit, n_pop, tol)
+            gram, rhs = system["gram"], system["rhs"]
+            total = gram + reg.dense() if reg.active else gram
+            x, multipliers, cert, result = strict_nnls(
+                total, rhs, orbit, n_pop, tol=tol,
+                solver=lambda g, b, *, tol, x0: exact_nnls(g, b, reg, tol=tol, x0=x0).result)
+            info = {"iterations": result.outer_iterations + result.finish_iterations, "converged": result.converged,
+                    "active_set": int(np.count_nonzero(x > 0)), "message": result.message, "yy": system["yy"],
+                    "chi2_formula": system["yy"] - 2.0 * float(rhs @ x) + float(x @ (gram @ x)),
+                    "objective": 0.5 * float(x @ (total @ x)) - float(rhs @ x) + 0.5 * system["yy"],
+                    "orbit_multipliers": multipliers, "orbit_constraint_residual": result.constraint_residual,
+                    "orbit_outer_iterations": result.outer_iterations, **certificate_dict(cert)}
         except (InputError, ConsistencyError) as exc:
             error = exc
     raise_if_any(error, comm)
     x = bcast_array(x, comm)
     info = comm.bcast(info, root=0)
     return x, info
-
-
-def _root_solve(system: dict, reg: Regularization, orbit: OrbitSpec, n_pop: int, tol: float
-                ) -> tuple[np.ndarray, dict]:
-    """The NNLS of rank 0 (strict orbit weights: under their constraints) and its summary.  Local."""
-    gram, rhs = system["gram"], system["rhs"]
-    total = gram + reg.dense() if reg.active else gram
-    extra = {}
-    if orbit.strict:
-        from .orbit import strict_nnls
-
-        x, multipliers, cert, result = strict_nnls(total, rhs, orbit, n_pop, tol=tol, solver=nnls_gram)
-        extra = {"orbit_multipliers": multipliers, "orbit_constraint_residual": result.constraint_residual,
-                 "orbit_outer_iterations": result.outer_iterations}
-        iterations, converged, message = result.outer_iterations + result.finish_iterations, result.converged, \
-            result.message
-    else:
-        result = nnls_gram(total, rhs, tol=tol)
-        x = result.x
-        cert = certify(total, rhs, x)
-        iterations, converged, message = result.iterations, result.converged, result.message
-    curvature = float(x @ (gram @ x))
-    objective = 0.5 * float(x @ (total @ x)) - float(rhs @ x)
-    return x, {"iterations": iterations, "converged": converged, "active_set": int(np.count_nonzero(x > 0)),
-               "message": message, "yy": system["yy"],
-               "chi2_formula": system["yy"] - 2.0 * float(system["rhs"] @ x) + curvature,
-               "objective": objective + 0.5 * system["yy"], **certificate_dict(cert), **extra}
 
 
 def _write_solution(path: str, x: np.ndarray, stats: dict, orbit: OrbitSpec, comm) -> None:
@@ -326,6 +348,8 @@ def _write_solution(path: str, x: np.ndarray, stats: dict, orbit: OrbitSpec, com
                 group.attrs[key] = value
         group.attrs["solved_at"] = comm.bcast(time.strftime("%Y-%m-%dT%H:%M:%S") if root else None)
         f[lay.X_GLOBAL].attrs["method"] = "exact"
+        f[lay.X_GLOBAL].attrs["add_degree"] = int(stats.get("poly.add_degree", -1))
+        f[lay.X_GLOBAL].attrs["mult_degree"] = int(stats.get("poly.mult_degree", 0))
         f[lay.X_GLOBAL].attrs["chi2"] = stats["chi2"]
         f[lay.X_GLOBAL].attrs["layout"] = "row-major (C, P)"
 

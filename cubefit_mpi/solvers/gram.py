@@ -35,10 +35,11 @@ class SolveInputs:
     s_tiles: list = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
     operator: Operator | None = None
+    add_degree: int = -1             # additive Legendre terms eliminated from the fit (-1: none)
 
     @property
     def weighting(self) -> Weighting:
-        return Weighting(self.mask, self.weights)
+        return Weighting(self.mask, self.weights, self.add_degree)
 
     @property
     def n_params(self) -> int:
@@ -52,8 +53,12 @@ class SolveInputs:
 
 
 def load_solve_inputs(path: str, *, use_weights: bool = True, operator: str = "auto", norm_mode: str | None = None,
-                      amp_mode: str | None = None, prefer_stored: bool = False, comm=None) -> SolveInputs:
+                      amp_mode: str | None = None, prefer_stored: bool = False, add_degree: int = -1,
+                      comm=None) -> SolveInputs:
     """Choose the operator, read mask and λ-weights, fingerprint the data.  Collective over comm.
+
+    ``add_degree`` >= 0 eliminates additive Legendre terms up to that degree per spectrum
+    (:class:`~cubefit_mpi.operators.base.Weighting`; the caches key on it).
 
     ``operator`` is ``auto``, ``factored`` or ``hypercube``
     (:func:`~cubefit_mpi.operators.select.open_operator`; ``norm_mode``/``amp_mode`` for factored
@@ -89,13 +94,19 @@ def load_solve_inputs(path: str, *, use_weights: bool = True, operator: str = "a
                 digest = -1 - (lo + a + int(s))
                 break
             digest ^= rows_digest(rows, lo + a)
-    provenance = {**op.provenance(), "mask.digest": array_digest(mask), "weights.digest": array_digest(weights)}
+    weighting = Weighting(mask, weights, int(add_degree))
+    try:
+        weighting.additive
+    except ValueError as exc:
+        raise InputError(f"--add-degree {add_degree}: {exc} (/Mask)") from None
+    provenance = {**op.provenance(), "mask.digest": array_digest(mask), "weights.digest": array_digest(weights),
+                  **weighting.provenance()}
     bad_rows = comm.allgather(digest if digest < 0 else None)
     bad_rows = [-1 - d for d in bad_rows if d is not None]
     if bad_rows:
         raise InputError(f"{lay.DATACUBE}: NaN/Inf at spaxel {min(bad_rows)} on a pixel where {lay.MASK} is True")
     provenance["data.digest"] = format(comm.allreduce(digest, op=mpi().BXOR), "x")
-    return SolveInputs(path, S, C, P, L, mask, weights, op.s_tiles, provenance, op)
+    return SolveInputs(path, S, C, P, L, mask, weights, op.s_tiles, provenance, op, int(add_degree))
 
 
 def normal_equations(inputs: SolveInputs, comm=None) -> dict:

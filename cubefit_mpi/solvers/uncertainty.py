@@ -31,7 +31,6 @@ from ..io.datasets import allocated_now, staged_dataset
 from ..io.h5file import open_h5
 from ..numerics import bootstrap as bs
 from ..numerics.digest import array_digest
-from ..numerics.nnls import nnls_gram
 from ..numerics.regularization import Regularization
 from ..parallel.collectives import allreduce_sum, bcast_array, raise_if_any
 from ..parallel.comm import get_comm
@@ -39,6 +38,8 @@ from ..parallel.decomposition import padded_schedule
 from .exact import ORBIT_MASSES, ORBIT_WEIGHTS, gram_system, population_shape
 from .orbit import OrbitSpec, strict_nnls
 from .gram import load_solve_inputs
+from .polynomials import check_degrees
+from .root_nnls import exact_nnls
 
 _LOG = logging.getLogger("cubefit_mpi.uncertainty")
 GROUP, REPLICATES, DONE = lay.UNCERTAINTY, lay.UNCERTAINTY_REPLICATES, lay.UNCERTAINTY_DONE
@@ -105,7 +106,7 @@ def bootstrap_uncertainty(path: str, *, replicates: int = 100, method: str = "wi
         try:
             for j, r in enumerate(todo):
                 if j % comm.Get_size() == comm.Get_rank():
-                    rows[r] = _replicate_solve(total, g_hat + delta[j], x_hat, fit["orbit"], inputs.P)
+                    rows[r] = _replicate_solve(total, g_hat + delta[j], x_hat, fit["orbit"], inputs.P, reg)
         except (InputError, ConsistencyError) as exc:
             error = exc
         raise_if_any(error, comm)
@@ -134,6 +135,20 @@ def bootstrap_is_current(f) -> bool:
     return str(f[REPLICATES].attrs.get("x.digest", "")) == array_digest(x)
 
 
+def refuse_polynomials(add_degree, mult_degree, where: str) -> None:
+    """Raise :class:`InputError` for a fit with polynomials (``where``: what says so).  Local.
+
+    A replicate is one NNLS on the plain fit's normal equations with the data changed; a fit
+    with additive or multiplicative polynomials would need them refitted in every replicate
+    (the projection, the alternation), which the bootstrap does not do.
+    """
+    add, mult = check_degrees(add_degree, mult_degree)
+    if add >= 0 or mult > 0:
+        raise InputError(f"{where}: the fit has polynomials (--add-degree {add}, --mult-degree {mult}); the "
+                         f"bootstrap refits only x on the plain normal equations, not the polynomials: bootstrap "
+                         f"a fit without --add-degree/--mult-degree")
+
+
 def _read_fit(path: str, method: str, comm) -> dict:
     """x̂ and the settings of the exact fit (``/X_global``, ``/Solve`` attributes); refuses a file
     the bootstrap cannot use before anything is written.  Collective."""
@@ -146,6 +161,8 @@ def _read_fit(path: str, method: str, comm) -> dict:
         if str(f[lay.X_GLOBAL].attrs.get("method", "")) != "exact":
             raise InputError(f"{lay.X_GLOBAL}: made by {f[lay.X_GLOBAL].attrs.get('method', '?')}; the bootstrap "
                              f"reuses an exact fit's normal equations: run `cubefit_mpi solve {path}` first")
+        refuse_polynomials(int(f[lay.X_GLOBAL].attrs.get("add_degree", -1)),
+                           int(f[lay.X_GLOBAL].attrs.get("mult_degree", 0)), lay.X_GLOBAL)
         a = dict(f[lay.SOLVE].attrs)
         fit = {"x": np.asarray(f[lay.X_GLOBAL][...], dtype=np.float64),
                "ridge": float(a.get("ridge", 0.0)), "regul": float(a.get("regul", 0.0)),
@@ -164,12 +181,13 @@ def _read_fit(path: str, method: str, comm) -> dict:
     return fit
 
 
-def _replicate_solve(total, rhs, x_hat, orbit: OrbitSpec | None, n_pop: int) -> np.ndarray:
-    """One replicate's NNLS, warm-started from x̂; under the fit's strict orbit constraints when it
-    had them.  Local."""
+def _replicate_solve(total, rhs, x_hat, orbit: OrbitSpec | None, n_pop: int, reg) -> np.ndarray:
+    """One replicate's NNLS (:func:`.root_nnls.exact_nnls`), warm-started from x̂; under the fit's
+    strict orbit constraints when it had them.  Local."""
     if orbit is None:
-        return nnls_gram(total, rhs, x0=x_hat).x
-    return strict_nnls(total, rhs, orbit, n_pop, x0=x_hat, solver=nnls_gram)[0]
+        return exact_nnls(total, rhs, reg, x0=x_hat).result.x
+    return strict_nnls(total, rhs, orbit, n_pop, x0=x_hat,
+                       solver=lambda g, b, *, tol, x0: exact_nnls(g, b, reg, tol=tol, x0=x0).result)[0]
 
 
 def _prepare(path: str, n: int, replicates: int, params: dict, comm) -> list:

@@ -2,9 +2,9 @@
 
 Pass 0 computes b, diag(G) and yᵀWy.  Each further pass computes only the Gram columns of the
 most KKT-violating columns (scaled gradient ``g_j / √G_jj`` most negative), the working-set
-problem is solved exactly (active-set NNLS on ``G[W, W]``), and the full gradient follows from
-the stored columns: ``g = G[:, W] x_W − b``.  It stops on the same KKT certificate as the full
-method.  Memory per rank: ``N × |W|`` float64.
+problem is solved exactly (the NNLS of ``CUBEFIT_NNLS_GRAM_METHOD`` on ``G[W, W]``, warm-started),
+and the full gradient follows from the stored columns: ``g = G[:, W] x_W − b``.  It stops on the
+same KKT certificate as the full method.  Memory per rank: ``N × |W|`` float64.
 """
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import time
 import numpy as np
 
 from ..config.errors import InputError
-from ..numerics.nnls import nnls_gram
 from ..numerics.regularization import Regularization
 from ..parallel.collectives import bcast_array
 from .limits import working_set_block
 from .gram import SolveInputs, diagonal_pass, gram_columns
+from .root_nnls import exact_nnls
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
 
@@ -65,7 +65,7 @@ def solve_working_set(inputs: SolveInputs, reg: Regularization, *, budget: int, 
         if comm.Get_rank() == 0:
             columns = np.hstack([columns, block_cols])
             g_ws = columns[working] + (reg.columns(working)[working] if reg.active else 0.0)
-            result = nnls_gram(g_ws, rhs[working], tol=tol, x0=x[working])
+            result = exact_nnls(g_ws, rhs[working], reg, tol=tol, x0=x[working]).result
             x = np.zeros(n)
             x[working] = result.x
             full_cols = columns + (reg.columns(working) if reg.active else 0.0)

@@ -16,6 +16,11 @@ Files written into ``out_dir`` (only those whose inputs exist):
     RMSE and its EWMA against step from the newest fit-tracker sidecar ``FILE.fit.<id>.<time>.h5``.
 ``rmse_map.png``
     the per-spaxel RMSE at ``/Spaxels/xy`` (needs both and a reconstruction).
+``polynomials.png``
+    when the solve fitted polynomials of this x (``/Solve/mult_poly``, ``/Solve/add_poly``):
+    the multiplicative factor ``g_s(λ)`` and the additive term ``Σ_j a_sj P_j(λ)`` (relative to
+    each spectrum's median flux) over all spaxels: median and 5–95 % range.  The models of the
+    spectra include them.
 ``uncertainty.png``
     component totals, mean age and [M/H] with their bootstrap intervals, and per component the
     weights' median and interval width (:mod:`.plots_uncertainty`; needs a current ``/Uncertainty``).
@@ -34,6 +39,7 @@ import numpy as np
 from ..config.errors import InputError
 from ..io import layout as lay
 from ..io.h5file import open_h5
+from ..io.polynomials import read_polynomials
 from ..operators.select import open_operator
 from ..numerics.reconstruction import residual_stats, x_checksum
 from ..parallel.collectives import agree, raise_if_any
@@ -52,6 +58,7 @@ POPULATIONS_PNG = "population_weights.png"
 TOTALS_PNG = "component_totals.png"
 CONVERGENCE_PNG = "convergence.png"
 RMSE_MAP_PNG = "rmse_map.png"
+POLYNOMIALS_PNG = "polynomials.png"
 ORBIT_WEIGHTS = "/Solve/orbit_weights"
 
 
@@ -121,6 +128,9 @@ def draw_all(path: str, out_dir: str, *, n_spaxels: int, recon: str, x_dataset: 
             written.append(plot_rmse_map(f, os.path.join(out_dir, RMSE_MAP_PNG), recon))
         else:
             _LOG.info("no rmse map: needs %s and %s%s", lay.SPAXEL_XY, recon, RMSE_SUFFIX)
+        add, mult, _ = read_polynomials(f, f[lay.DATACUBE].shape[0], x_cp)
+        if add is not None or mult is not None:
+            written.append(plot_polynomials(f, os.path.join(out_dir, POLYNOMIALS_PNG), add, mult))
         if has_uncertainty(f) and x_dataset == lay.X_GLOBAL and bootstrap_is_current(f):
             written.append(plot_uncertainty(f, os.path.join(out_dir, UNCERTAINTY_PNG), x_cp))
         elif has_uncertainty(f):
@@ -355,6 +365,38 @@ def plot_rmse_map(f, out_path: str, recon: str) -> str:
     ax.set_xlabel("x [arcsec]")
     ax.set_ylabel("y [arcsec]")
     ax.set_title(f"residual rmse per spaxel ({recon}{RMSE_SUFFIX})", fontsize=10)
+    return save_png(fig, out_path)
+
+
+def plot_polynomials(f, out_path: str, add: np.ndarray | None, mult: np.ndarray | None) -> str:
+    """The fitted polynomials over all spaxels: median and 5–95 % range of ``g_s(λ)`` and of
+    ``Σ_j a_sj P_j(λ)`` / median flux of each spectrum.  Local."""
+    from ..numerics.polynomials import with_polynomials
+
+    n_s, n_l = f[lay.DATACUBE].shape
+    if lay.OBS_PIX in f:
+        wave, xlabel = np.exp(np.asarray(f[lay.OBS_PIX][...], dtype=np.float64)), "wavelength [Å]"
+    else:
+        wave, xlabel = np.arange(n_l, dtype=np.float64), "pixel"
+    panels = []
+    if mult is not None:
+        panels.append((f"multiplicative g_s (degree {mult.shape[1]})", with_polynomials(np.ones((n_s, n_l)), None, mult)))
+    if add is not None:
+        flux = np.nanmedian(np.asarray(f[lay.DATACUBE][...], dtype=np.float64), axis=1)
+        term = with_polynomials(np.zeros((n_s, n_l)), add, None)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            panels.append((f"additive term / median flux (degree {add.shape[1] - 1})",
+                           term / np.where(np.abs(flux) > 0, np.abs(flux), np.nan)[:, None]))
+    fig = new_figure(6.0 * len(panels), 3.6)
+    for i, (title, values) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        lo, mid, hi = np.nanpercentile(values, [5, 50, 95], axis=0)
+        ax.fill_between(wave, lo, hi, color="tab:blue", alpha=0.3, lw=0, label="5-95 %")
+        ax.plot(wave, mid, color="tab:blue", lw=1.2, label="median")
+        ax.set_xlabel(xlabel)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"fitted polynomials over {n_s} spaxels", fontsize=10)
     return save_png(fig, out_path)
 
 

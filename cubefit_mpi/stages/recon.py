@@ -5,7 +5,9 @@ in S-tiles dealt to the ranks.  Each rank reads, per tile, only the (c, p) block
 weights are not all zero (blocks aligned to the dataset's chunks), converts them to float64 and
 contracts them against ``x`` into a ``(S_tile, L)`` float64 accumulator: at most one tile and
 one block are in memory per rank.  Reads and writes are collective rounds (every rank makes the
-same calls, empty selections on ranks with no tile left).
+same calls, empty selections on ranks with no tile left).  When the solve fitted polynomials
+(``/Solve/add_poly``, ``/Solve/mult_poly`` of this x), the model is ``g_s ⊙ (A·x) + Q a_s``
+(:mod:`cubefit_mpi.numerics.polynomials`).
 
 Written datasets (``out`` defaults to ``/ReconCube``)::
 
@@ -37,7 +39,9 @@ from ..io import layout as lay
 from ..io.blocks import read_block, write_block
 from ..io.h5file import open_h5
 from ..operators.select import open_operator
+from ..io.polynomials import read_polynomials
 from ..numerics.lambda_weights import finalize_weights
+from ..numerics.polynomials import with_polynomials
 from ..numerics.reconstruction import active_blocks, residual_stats, x_checksum
 from ..parallel.collectives import agree, allreduce_sum, check_all_ranks
 from ..parallel.comm import get_comm
@@ -86,6 +90,9 @@ class ReconInputs:
     weights: np.ndarray | None
     weighting: str
     operator: object = None          # the operator A comes from (cubefit_mpi.operators)
+    add: np.ndarray | None = None    # (S, D_a + 1) additive Legendre coefficients of the solve
+    mult: np.ndarray | None = None   # (S, D_m) multiplicative ones
+    polynomials: str = "no polynomials"
 
 
 def normalise_name(name: str) -> str:
@@ -155,7 +162,8 @@ def read_inputs(f, path: str, x_dataset: str, operator) -> ReconInputs:
     x_cp = read_x(f, x_dataset, n_c, n_p)
     used, weights, weighting = read_mask_and_weights(f, n_l)
     chunks = getattr(operator, "chunks", None)
-    return ReconInputs((n_s, n_c, n_p, n_l), chunks, x_cp, used, weights, weighting, operator)
+    add, mult, note = read_polynomials(f, n_s, x_cp)
+    return ReconInputs((n_s, n_c, n_p, n_l), chunks, x_cp, used, weights, weighting, operator, add, mult, note)
 
 
 def _check_out(f, out: str, x_dataset: str) -> None:
@@ -220,7 +228,8 @@ def reconstruct(path, *, out: str = RECON_DEFAULT, x_dataset: str = lay.X_GLOBAL
     dict with ``out``, ``chi2``/``rmse`` dataset names, ``x_dataset``, ``shape`` (S, L),
     ``s_tile``, ``n_tiles``, ``blocks_read`` (reads of ``A`` per tile), ``components_read``
     (components with a non-zero weight) and ``components_total`` (C), ``chi2_total``
-    (Σ_s χ²), ``rmse_global`` (over all used pixels), ``weighting``, ``seconds``.
+    (Σ_s χ²), ``rmse_global`` (over all used pixels), ``weighting``, ``polynomials`` (what of
+    the solve's polynomials the model includes), ``seconds``.
 
     Raises
     ------
@@ -257,12 +266,12 @@ def reconstruct(path, *, out: str = RECON_DEFAULT, x_dataset: str = lay.X_GLOBAL
               "components_total": int(inputs.x_cp.shape[0]),
               "chi2_total": float(chi2_total),
               "rmse_global": float(np.sqrt(sq_total / n_total)) if n_total else float("nan"),
-              "weighting": inputs.weighting, "seconds": time.perf_counter() - t0}
+              "weighting": inputs.weighting, "polynomials": inputs.polynomials, "seconds": time.perf_counter() - t0}
     _LOG.info("recon: %s from %s, S=%d L=%d, %d tiles of %d spaxels on %d rank(s), %d/%d components "
-              "read in %d block(s) per tile, chi2 total %.6g (%s), rmse %.6g, %.1fs", out, x_dataset,
-              n_s, n_l, len(tiles), tile, comm.Get_size(), result["components_read"],
-              result["components_total"], result["blocks_read"], result["chi2_total"], inputs.weighting,
-              result["rmse_global"], result["seconds"])
+              "read in %d block(s) per tile, polynomials: %s, chi2 total %.6g (%s), rmse %.6g, %.1fs", out,
+              x_dataset, n_s, n_l, len(tiles), tile, comm.Get_size(), result["components_read"],
+              result["components_total"], result["blocks_read"], inputs.polynomials, result["chi2_total"],
+              inputs.weighting, result["rmse_global"], result["seconds"])
     return result
 
 
@@ -270,7 +279,9 @@ def _provenance(inputs: ReconInputs, x_dataset: str, comm) -> dict:
     """Attributes of the written datasets: what they were made from, when, how χ² is weighted.  Collective."""
     created = agree(_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), comm)
     return {RECON_MARKER: x_dataset, "recon.created": created, "recon.x_crc32": x_checksum(inputs.x_cp),
-            "recon.models": lay.MODELS if inputs.operator.kind == "hypercube" else "factors (/LOSVD, /Templates, /R_T)", "recon.formula": "Y[s,l] = sum_{c,p} x[c,p] A[s,c,p,l]",
+            "recon.models": lay.MODELS if inputs.operator.kind == "hypercube" else "factors (/LOSVD, /Templates, /R_T)",
+            "recon.formula": "Y[s,l] = g_s(l) sum_{c,p} x[c,p] A[s,c,p,l] + sum_j a[s,j] P_j(l) (the solve's "
+                             "polynomials, when it fitted them)", "recon.polynomials": inputs.polynomials,
             "chi2.weighting": inputs.weighting,
             "chi2.definition": "sum over used pixels of w_l (y - yhat)^2 (w = 1 when unweighted)",
             "rmse.definition": "sqrt(mean over used pixels of (y - yhat)^2), unweighted",
@@ -289,6 +300,8 @@ def _reconstruct_tiles(f, inputs: ReconInputs, mine: list, blocks: list, outputs
         s0, s1 = item if have else (0, 0)
         n_rows = s1 - s0
         acc = inputs.operator.spectra(f, item, inputs.x_cp, blocks=blocks)
+        if have:
+            acc = with_polynomials(acc, _rows(inputs.add, s0, s1), _rows(inputs.mult, s0, s1))
         data = read_block(data_d, (s0, 0) if have else None, (n_rows, n_l) if have else None, dtype=np.float64)
         chi2 = rmse = None
         if have:
@@ -298,6 +311,10 @@ def _reconstruct_tiles(f, inputs: ReconInputs, mine: list, blocks: list, outputs
         write_block(chi2_d, (s0,) if have else None, chi2)
         write_block(rmse_d, (s0,) if have else None, rmse)
     return sums
+
+
+def _rows(values: np.ndarray | None, s0: int, s1: int) -> np.ndarray | None:
+    return None if values is None else values[s0:s1]
 
 
 def _output_dataset(f, name: str, shape: tuple[int, ...], attrs: dict):
@@ -323,10 +340,13 @@ def model_rows(f, operator, x_cp: np.ndarray, rows) -> np.ndarray:
 
     Returns
     -------
-    (len(rows), L) float64 (a stored hypercube: only the non-zero (c, p) blocks are read)
+    (len(rows), L) float64 (a stored hypercube: only the non-zero (c, p) blocks are read), with
+    the solve's polynomials when they belong to ``x_cp``
     """
     blocks = operator.read_blocks(x_cp)
+    add, mult, _ = read_polynomials(f, operator.S, x_cp)
     result = np.zeros((len(rows), operator.L))
     for i, s in enumerate(rows):
-        result[i] = operator.spectra(f, (int(s), int(s) + 1), x_cp, blocks=blocks)[0]
+        model = operator.spectra(f, (int(s), int(s) + 1), x_cp, blocks=blocks)
+        result[i] = with_polynomials(model, _rows(add, s, s + 1), _rows(mult, s, s + 1))[0]
     return result

@@ -56,18 +56,31 @@ def load_data(f, inputs, comm) -> tuple[np.ndarray, np.ndarray, float]:
     return data_w, norms[:, 0], float(np.sqrt(np.sum(norms[:, 1])))
 
 
-def read_x_global(path, n, comm, *, require_exact: bool):
-    """``/X_global`` when its attribute method is "exact" (else None, or an error).  Collective."""
+def read_x_global(path, n, comm, *, require_exact: bool, provenance: dict | None = None):
+    """The exact solution (N,) float64, or None (or an error with ``require_exact``).  Collective.
+
+    ``/X_global`` when its attribute method is "exact"; else ``/Solve/x_exact``, the copy a
+    Kaczmarz solve keeps when it overwrites an exact ``/X_global`` (:func:`write_solution`), when
+    its provenance attributes equal ``provenance`` (same models, data, mask and λ-weights).
+    """
     with open_h5(path, "r", comm) as f:
-        if lay.X_GLOBAL in f and f[lay.X_GLOBAL].shape == (n,):
-            method = f[lay.X_GLOBAL].attrs.get("method", "")
-            method = method.decode() if isinstance(method, bytes) else str(method)
-            if method == "exact":
-                return np.asarray(f[lay.X_GLOBAL][...], dtype=np.float64)
+        if lay.X_GLOBAL in f and f[lay.X_GLOBAL].shape == (n,) and _is_exact(f[lay.X_GLOBAL]):
+            return np.asarray(f[lay.X_GLOBAL][...], dtype=np.float64)
+        if provenance is not None and lay.X_EXACT in f and f[lay.X_EXACT].shape == (n,):
+            attrs = f[lay.X_EXACT].attrs
+            if all(str(attrs.get(k, "")) == str(v) for k, v in provenance.items()):
+                return np.asarray(f[lay.X_EXACT][...], dtype=np.float64)
     if require_exact:
         raise InputError(f"{lay.X_GLOBAL}: warm_start='exact' needs an exact solution of length {n} "
-                         f"(attribute method='exact'); run `cubefit_mpi solve {path}` first")
+                         f"(attribute method='exact', no polynomials); run `cubefit_mpi solve {path}` first")
     return None
+
+
+def _is_exact(dset) -> bool:
+    """An exact solve's x without polynomials (the only one Kaczmarz's problem shares)."""
+    method = dset.attrs.get("method", "")
+    plain = int(dset.attrs.get("add_degree", -1)) < 0 and int(dset.attrs.get("mult_degree", 0)) == 0
+    return (method.decode() if isinstance(method, bytes) else str(method)) == "exact" and plain
 
 
 def initial_x(path, inputs, warm_start, x0, comm, eps: float) -> tuple[np.ndarray, str]:
@@ -82,7 +95,7 @@ def initial_x(path, inputs, warm_start, x0, comm, eps: float) -> tuple[np.ndarra
     if warm_start not in WARM_STARTS:
         raise InputError(f"--warm-start {warm_start}: expected one of {', '.join(WARM_STARTS)}")
     if warm_start == "exact":
-        return read_x_global(path, n, comm, require_exact=True), "exact"
+        return read_x_global(path, n, comm, require_exact=True, provenance=inputs.provenance), "exact"
     if warm_start == "resume":
         found = None
         if comm.Get_rank() == 0:
@@ -108,10 +121,22 @@ def initial_x(path, inputs, warm_start, x0, comm, eps: float) -> tuple[np.ndarra
     return np.zeros(n), "zeros"
 
 
-def write_solution(path, x, stats, knobs, comm) -> None:
-    """``/X_global`` with method and solver settings as attributes.  Collective over comm."""
+def write_solution(path, x, stats, knobs, comm, provenance: dict | None = None) -> None:
+    """``/X_global`` with method and solver settings as attributes.  Collective over comm.
+
+    An exact ``/X_global`` about to be overwritten is first copied to ``/Solve/x_exact`` with
+    ``provenance`` as attributes, so that later Kaczmarz runs still report their gap to it.
+    """
     root = comm.Get_rank() == 0
     with open_h5(path, "r+", comm) as f:
+        if provenance is not None and lay.X_GLOBAL in f and _is_exact(f[lay.X_GLOBAL]):
+            exact = np.asarray(f[lay.X_GLOBAL][...], dtype=np.float64)
+            if lay.X_EXACT in f:
+                del f[lay.X_EXACT]
+            f.create_dataset(lay.X_EXACT, shape=exact.shape, dtype="f8")
+            write_block(f[lay.X_EXACT], (0,) if root else None, exact if root else None)
+            for key, value in provenance.items():
+                f[lay.X_EXACT].attrs[key] = value
         if lay.X_GLOBAL in f and f[lay.X_GLOBAL].shape != x.shape:
             del f[lay.X_GLOBAL]
         if lay.X_GLOBAL not in f:
@@ -121,10 +146,12 @@ def write_solution(path, x, stats, knobs, comm) -> None:
         attrs = {"method": "kaczmarz", "layout": "row-major (C, P)", "chi2": 2.0 * stats["objective"],
                  "objective": stats["objective"], "epochs": stats["epochs"], "lr": stats["lr"],
                  "c_bands": stats["c_bands"], "s_groups": stats["s_groups"], "warm_start": stats["warm_start"],
-                 "orbit_mode": stats["orbit_mode"], "orbit_totals": stats["orbit_totals"]}
+                 "orbit_mode": stats["orbit_mode"], "orbit_totals": stats["orbit_totals"],
+                 "returned_epoch": stats["returned_epoch"], "epochs_rejected": stats["epochs_rejected"],
+                 "objective_source": stats["objective_source"]}
         for env, value in knobs.as_dict().items():
             if env.startswith(("CUBEFIT_BT_", "CUBEFIT_TRUST", "CUBEFIT_EPS", "CUBEFIT_ZERO_COL",
-                               "CUBEFIT_NNLS_", "CUBEFIT_TILE_BT", "CUBEFIT_GLOBAL_")):
+                               "CUBEFIT_NNLS_", "CUBEFIT_TILE_BT", "CUBEFIT_GLOBAL_", "CUBEFIT_EPOCH_")):
                 attrs[env] = value
         for key, value in attrs.items():
             dset.attrs[key] = value

@@ -33,6 +33,7 @@ number of ranks holding the same ``c_bands`` (to rounding).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -49,7 +50,9 @@ from ...parallel.collectives import allgather_array, allreduce_sum, bcast_array,
 from ...parallel.comm import get_comm, mpi
 from ...parallel.threads import matvec_blas_threads
 from . import steps as ks
+from .epochs import run_epochs
 from .grid import Grid
+from .guard import EpochGuard, GramObjective
 from .tiles import FactoredTiles, HypercubeTiles, Tile
 from ..orbit import DEFAULT_ORBIT_MODE, DEFAULT_ORBIT_TOTALS, orbit_spec
 from .inputs import check_options, initial_x, load_data, read_x_global, write_solution
@@ -80,6 +83,7 @@ class _Run:
         self.counts: dict[str, float] = defaultdict(float)   # summed over ranks at the end
         self.maxima: dict[str, float] = defaultdict(float)
         self.group_tiles = 0
+        self.probe_sums = np.zeros(0)          # see residual()
         self.tiles = (FactoredTiles(f, inputs, grid, cfg, data_w, self.counts) if inputs.operator.kind == "factored"
                       else HypercubeTiles(f, inputs, grid, knobs, cfg, data_w, self.counts))
 
@@ -94,18 +98,42 @@ class _Run:
             out += design.matmat(xs[:, self.cols(b)], precise=precise)
         return allreduce_sum(out, self.grid.group_comm)
 
-    def residual(self, tile: Tile, x) -> np.ndarray:
-        """``R_w = √w (y − A x)`` of the tile, sanitised.  Collective over the group."""
-        r_w = tile.y_w - self.apply(tile, x[None, :])[0]
+    def residual(self, tile: Tile, x, probes: np.ndarray | None = None) -> np.ndarray:
+        """``R_w = √w (y − A x)`` of the tile, sanitised.  Collective over the group.
+
+        ``probes (k, N)``: iterates whose objective is being measured (:mod:`.guard`); the same
+        product gives their residuals on this tile, and the group's rank 0 adds ``½‖·‖²`` of each
+        to ``probe_sums (k,)``.
+        """
+        xs = x[None, :] if probes is None else np.vstack([x[None, :], probes])
+        model = self.apply(tile, xs)
+        r_w = tile.y_w - model[0]
         bad = ks.sanitize(r_w)
         if self.grid.leader:
             self.counts["sanitised_R"] += bad
+            if probes is not None:
+                resid = tile.y_w[None, :] - model[1:]
+                ks.sanitize(resid)
+                self.probe_sums += 0.5 * np.einsum("ij,ij->i", resid, resid)
         return r_w
 
+    def probe_values(self) -> np.ndarray:
+        """The objectives ``(k,)`` accumulated by :meth:`residual` over every group's tiles, the
+        same on every rank, then reset.  Collective over comm."""
+        g = self.grid
+        total = allreduce_sum(self.probe_sums if g.leader else np.zeros_like(self.probe_sums), g.comm)
+        self.probe_sums = np.zeros(0)
+        return bcast_array(total, g.comm)
+
     # --- one tile of one group ----------------------------------------------------------------
-    def group_step(self, tile: Tile, r_w, x, polish_now: bool):
-        """The committed update ``dx (N,)`` of this group's tile and its ``ΔR_w``.  Collective over the group."""
-        g, cfg, knobs, counts = self.grid, self.cfg, self.knobs, self.counts
+    def group_step(self, tile: Tile, r_w, x, polish_now: bool, omega: float = 1.0):
+        """The committed update ``dx (N,)`` of this group's tile and its ``ΔR_w``.  Collective over the group.
+
+        ``omega`` scales the learning rate and the accepted polish move (the tile's residual is
+        convex along it, so its decrease is kept for any ω in (0, 1]).
+        """
+        g, knobs, counts = self.grid, self.knobs, self.counts
+        cfg = self.cfg if omega == 1.0 else dataclasses.replace(self.cfg, lr=self.cfg.lr * omega)
         share = tile.n_spaxels / self.inp.S * self.w_mean
         steps = {}
         dr = np.zeros_like(r_w)
@@ -147,8 +175,8 @@ class _Run:
             polished = self.polish(tile, r_new, x + dx, steps)
             if polished is not None:
                 cols, delta, dr_polish = polished
-                dx[cols] += delta
-                r_new = r_new - dr_polish
+                dx[cols] += omega * delta
+                r_new = r_new - omega * dr_polish
         return dx, r_new
 
     # --- the polish ---------------------------------------------------------------------------
@@ -203,12 +231,16 @@ class _Run:
         return (cand, delta, dr) if accepted else None
 
     # --- one round of all groups --------------------------------------------------------------
-    def round(self, x: np.ndarray, tiles: list, polish_enabled: bool) -> tuple[np.ndarray, list]:
+    def round(self, x: np.ndarray, tiles: list, polish_enabled: bool, omega: float = 1.0,
+              probes: np.ndarray | None = None) -> tuple[np.ndarray, list]:
         """One round: every group steps on its tile, updates combine.  Collective over comm.
 
         Parameters
         ----------
         x : (N,) float64; tiles : (G,) tile index per group, None where a group has none
+        omega : float, relaxation ω of the epoch guard: the learning rate and the polish's move are
+            scaled by it (before the trust region, the cap and the backtracking, which then bind less)
+        probes : (k, N) float64 or None, iterates whose objective is measured (:meth:`residual`)
 
         Returns
         -------
@@ -221,10 +253,10 @@ class _Run:
         held = self.tiles.read(tile)
         dx_g, local = np.zeros_like(x), None
         if held is not None:
-            r_w = self.residual(held, x)
+            r_w = self.residual(held, x, probes)
             self.group_tiles += 1
             polish_now = polish_enabled and self.group_tiles % self.knobs.nnls_every == 0
-            dx_g, r_new = self.group_step(held, r_w, x, polish_now)
+            dx_g, r_new = self.group_step(held, r_w, x, polish_now, omega)
             local = (held, r_w, r_new)
             if self.knobs.debug_safe:
                 found = allreduce_sum(np.array([self.counts[k] for k in watched]) - before, g.group_comm)
@@ -333,6 +365,7 @@ def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bo
     x : (C·P,) float64, row-major over (C, P)
     stats : dict (see ``docs/kaczmarz.md``)
     """
+    from ..exact import gram_budget_bytes
     from ..gram import load_solve_inputs
 
     comm = get_comm(comm)
@@ -360,7 +393,9 @@ def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bo
         x = np.maximum(x, 0.0)
     if orbit.strict:
         x = ks.strict_totals(x.reshape(C, P), orbit.targets, orbit.totals).reshape(-1)
-    x_ref = read_x_global(path, n, comm, require_exact=False)
+    x_ref = read_x_global(path, n, comm, require_exact=False, provenance=inputs.provenance)
+    gram = GramObjective.load(inputs, comm, gram_budget_bytes(comm)) if knobs.epoch_guard else None
+    guard = EpochGuard(int(epochs), enabled=knobs.epoch_guard, damp=knobs.epoch_damp)
     cfg = ks.StepConfig.from_knobs(knobs, lr=lr, decorrelate=decorrelate, project_nonneg=project_nonneg, block=P)
     grid = Grid.make(comm, C, c_bands)
     polish_enabled = knobs.nnls_enable and project_nonneg and knobs.nnls_prop_per_band > 0
@@ -377,25 +412,37 @@ def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bo
                           len(grid.bands), comm.Get_size(), epochs, lr, start, knobs.differing_from_defaults())
             run.tiles.plan(order, int(epochs))
             try:
-                x, objectives, epoch_seconds = _iterate(run, x, x_ref, order, int(epochs), polish_enabled, history,
-                                                        tracker)
+                out = run_epochs(run, x, x_ref, order, int(epochs), polish_enabled, history, tracker, guard=guard,
+                                 gram=gram, f_zero=0.5 * float(np.sum(weighted_norms)))
             finally:
                 run.tiles.close()
     finally:
         grid.free()
-    stats = _finish_stats(run, comm, history, objectives, weighted_norms, x, x_ref, C, P)
-    stats.update(method="kaczmarz", operator=inputs.operator.kind, epochs=int(epochs), lr=float(lr), n_params=n, c_bands=len(grid.bands),
-                 s_groups=grid.n_groups, n_ranks=comm.Get_size(), warm_start=start, orbit_strength=eta,
-                 orbit_mode=orbit.mode, orbit_totals=orbit.totals,
+    x = out.x
+    stats = _finish_stats(run, comm, history, out, guard, weighted_norms, x_ref, C, P)
+    stats.update(method="kaczmarz", operator=inputs.operator.kind, epochs=int(epochs), lr=float(lr), n_params=n,
+                 c_bands=len(grid.bands), s_groups=grid.n_groups, n_ranks=comm.Get_size(), warm_start=start,
+                 orbit_strength=eta, orbit_mode=orbit.mode, orbit_totals=orbit.totals,
                  decorrelate=float(decorrelate), seconds=time.perf_counter() - t0,
-                 epoch_seconds=np.asarray(epoch_seconds), read_ahead=run.tiles.threaded)
-    write_solution(path, x, stats, knobs, comm)
+                 objective_source="off" if not guard.enabled else ("gram" if gram is not None else "probe"),
+                 read_ahead=run.tiles.threaded)
+    write_solution(path, x, stats, knobs, comm, provenance=inputs.provenance)
     if rank0:
-        _LOG.info("kaczmarz done: objective %.10g (1/2 chi2), %d tile steps, polish %d/%d accepted%s, %.1fs",
-                  stats["objective"], stats["tiles"], stats["polish_accepts"], stats["polish_calls"],
+        _LOG.info("kaczmarz done: objective %.10g (1/2 chi2) of %s, %d tile steps, polish %d/%d accepted%s, %.1fs",
+                  stats["objective"], _returned(stats), stats["tiles"], stats["polish_accepts"], stats["polish_calls"],
                   "" if "gap_rel" not in stats else f", gap to the exact optimum {stats['gap_rel']:.3g} "
                   f"(relative to the decrease from x=0)", stats["seconds"])
     return x, stats
+
+
+def _returned(stats: dict) -> str:
+    """Which iterate was returned, in words.  Local."""
+    if stats["objective_source"] == "off":
+        return "the last iterate (epoch guard off)"
+    which = "the start" if stats["returned_epoch"] == 0 else f"epoch {stats['returned_epoch']}"
+    source = {"gram": "the Gram cache", "probe": "the next epoch's reads"}[stats["objective_source"]]
+    return (f"{which} (the best of {stats['epochs_run']} epoch(s); {stats['epochs_rejected']} raised 1/2 chi2 and "
+            f"were undone; objectives from {source})")
 
 
 def _column_energy(path, inputs, comm) -> np.ndarray:
@@ -414,45 +461,9 @@ def _column_energy(path, inputs, comm) -> np.ndarray:
         return np.nan_to_num(np.asarray(f[lay.COL_ENERGY][...], dtype=np.float64))
 
 
-def _iterate(run: _Run, x, x_ref, order: list, epochs: int, polish_enabled: bool, history: dict, tracker):
-    """The epochs, then the objective of the result (and of ``x_ref``).  Collective over comm.
-
-    Returns ``(x, objectives (1 or 2,), seconds per epoch (epochs,))``; appends to ``history``.
-    """
-    rank0 = run.grid.comm.Get_rank() == 0
-    G = run.grid.n_groups
-    n_rounds = -(-len(order) // G)
-    step, epoch_seconds = 0, []
-    for epoch in range(1, epochs + 1):
-        t_epoch = time.perf_counter()
-        r2_sum = sw_sum = 0.0
-        for r in range(n_rounds):
-            tiles = [order[r * G + grp] if r * G + grp < len(order) else None for grp in range(G)]
-            x, records = run.round(x, tiles, polish_enabled)
-            for grp, tile, before, after, r2n, sw in records:
-                for key, val in zip(history, (epoch, r, tile, grp, before, after, sw)):
-                    history[key].append(val)
-                r2_sum, sw_sum = r2_sum + r2n, sw_sum + sw
-                step += 1
-                if rank0 and tracker is not None and grp == 0:
-                    tracker.log_rmse(step, epoch, after)
-            if rank0 and tracker is not None:
-                tracker.progress(epoch, min((r + 1) * G, len(order)), len(order))
-        epoch_rmse = ks.weighted_rmse(r2_sum, sw_sum)
-        epoch_seconds.append(time.perf_counter() - t_epoch)
-        if rank0:
-            if tracker is not None:
-                tracker.snapshot(x, epoch, epoch_rmse)
-            _LOG.info("kaczmarz epoch %d/%d: %d tiles, tile RMSE (after steps) %.6g, polish %d/%d "
-                      "accepted so far%s, %.2fs", epoch, epochs, len(order), epoch_rmse,
-                      run.counts["polish_accepts"], run.counts["polish_calls"],
-                      " in S-group 0" if G > 1 else "", epoch_seconds[-1])
-    xs = x[None, :] if x_ref is None else np.vstack([x, x_ref])
-    return x, run.objective(xs, order), epoch_seconds
-
-
-def _finish_stats(run: _Run, comm, history, objectives, weighted_norms, x, x_ref, C, P) -> dict:
+def _finish_stats(run: _Run, comm, history, out, guard, weighted_norms, x_ref, C, P) -> dict:
     """Reduce the counters and assemble the stats dict.  Collective over comm."""
+    x = out.x
     totals = allreduce_sum(np.array([run.counts.get(k, 0.0) for k in COUNTERS]), comm)
     stats = {k: int(v) for k, v in zip(COUNTERS, totals)}
     for key in ("trust_ratio_max", "cap_ratio_max", "frozen_max", "polish_cols_max", "polish_rows_max"):
@@ -463,12 +474,17 @@ def _finish_stats(run: _Run, comm, history, objectives, weighted_norms, x, x_ref
         name = {"rmse": "rmse_history", "rmse_before": "rmse_before", "sum_w": "history_sum_w"}.get(
             key, f"history_{key}s")
         stats[name] = np.asarray(values, dtype=np.float64 if key.startswith(("rmse", "sum")) else np.int64)
-    stats["objective"] = float(objectives[0])
-    stats["chi2"] = 2.0 * float(objectives[0])
+    stats["objective"] = out.objective
+    stats["chi2"] = 2.0 * out.objective
     stats["objective_zero"] = 0.5 * float(np.sum(weighted_norms))
     stats["component_totals"] = x.reshape(C, P).sum(axis=1)
+    stats.update(epoch_objective=guard.values[:out.epochs_run + 1].copy(), returned_epoch=out.returned_epoch,
+                 epochs_run=out.epochs_run, epochs_rejected=len(guard.rejected),
+                 rejected_epochs=np.asarray(guard.rejected, dtype=np.int64), epoch_damping=np.asarray(out.damping),
+                 epoch_seconds=np.asarray(out.epoch_seconds), tracking_seconds=np.asarray(out.tracking_seconds))
     if x_ref is not None:
-        f_ref, f0 = float(objectives[1]), stats["objective_zero"]
+        f_ref, f0 = out.f_ref, stats["objective_zero"]
+        stats["epoch_gap_rel"] = guard.gaps(f0, f_ref)[:out.epochs_run + 1]
         stats["exact_objective"] = f_ref
         stats["gap_abs"] = stats["objective"] - f_ref
         stats["gap_rel"] = stats["gap_abs"] / (f0 - f_ref) if f0 > f_ref else 0.0
