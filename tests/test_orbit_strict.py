@@ -199,6 +199,8 @@ BAD = [
      "--orbit-mode penalty: the exact method needs --orbit-strength > 0"),
     ("working_set", None, ["--orbit-weights", "1,1", "--exact-method", "working-set"],
      "--orbit-mode strict: needs the Gram method"),
+    ("polynomials", None, ["--orbit-weights", "1,1", "--add-degree", "2"],
+     "--orbit-mode strict: not available with --add-degree"),
 ]
 
 
