@@ -154,11 +154,14 @@ def test_weights_ridge_smoothness_and_orbit_terms(tmp_path, monkeypatch):
     assert abs(ours - ref) <= 1e-9 * 0.5 * float(target @ target)
     assert stats["objective"] == pytest.approx(ours, rel=1e-9)
     totals = x.reshape(2, 6).sum(1)
+    with h5py.File(path) as f:
+        np.testing.assert_allclose(f["/Solve/orbit_weights"][...], targets)
+        assert f["/Solve"].attrs["orbit_mode"] == "penalty" and "/Solve/orbit_multipliers" not in f
     plain, _ = solve_exact(str(path), operator="hypercube", comm=SELF)
     frac_plain = plain.reshape(2, 6).sum(1) / plain.sum()
     assert abs(totals[0] / totals.sum() - 0.7) < abs(frac_plain[0] - 0.7)   # pulled toward the targets
     with h5py.File(path) as f:
-        np.testing.assert_allclose(f["/Solve/orbit_weights"][...], targets)
+        assert "/Solve/orbit_weights" not in f and f["/Solve"].attrs["orbit_mode"] == "none"   # not stale
 
 
 def test_cache_reused_and_stale_cache_detected(tmp_path):

@@ -340,10 +340,25 @@ def test_orbit_weights_ratio_step(clean):
     x_full, _ = run(clean, orbit_weights=targets, orbit_strength=1.0)
     assert np.allclose(x_full.reshape(2, 4).sum(axis=1) / x_full.sum(), targets)
     x_none, _ = run(clean)
-    x_def, st_def = run(clean, orbit_weights="4,1")
+    x_def, st_def = run(clean, orbit_weights="4,1", orbit_mode="penalty")
     frac = lambda x: x.reshape(2, 4).sum(axis=1)[0] / x.sum()      # noqa: E731
-    assert st_def["orbit_strength"] == 0.1
+    assert st_def["orbit_strength"] == 0.1 and st_def["orbit_mode"] == "penalty"
     assert abs(frac(x_def) - 0.8) < abs(frac(x_none) - 0.8)
+
+
+@pytest.mark.parametrize("totals,values", [("fractions", np.array([0.8, 0.2])), ("absolute", np.array([3.0, 0.5]))])
+def test_orbit_strict_totals_exact_after_every_epoch(clean, totals, values):
+    tracker = _Tracker()
+    x, st = run(clean, orbit_weights=values, orbit_totals=totals, epochs=3, tracker=tracker)   # auto -> strict
+    assert st["orbit_mode"] == "strict" and st["orbit_strength"] == 0.0
+    assert len(tracker.snapshots) == 3
+    for snap, _, _ in tracker.snapshots + [(x, None, None)]:
+        comp = snap.reshape(2, 4).sum(axis=1)
+        want = values * snap.sum() if totals == "fractions" else values
+        np.testing.assert_allclose(comp, want, rtol=1e-12)
+        assert np.all(snap >= 0)
+    with h5py.File(clean) as f:
+        assert f["/X_global"].attrs["orbit_mode"] == "strict" and f["/X_global"].attrs["orbit_totals"] == totals
 
 
 class _Tracker:

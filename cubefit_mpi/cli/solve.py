@@ -30,6 +30,7 @@ def register(sub) -> None:
     from ..pipeline.runner import PipelineRunner
     from ..solvers.exact import solve_exact
     from ..solvers.kaczmarz.solver import solve_kaczmarz
+    from ..solvers.orbit import ORBIT_MODES, ORBIT_TOTALS
 
     def exact(name):
         return default_of(solve_exact, name)
@@ -57,8 +58,16 @@ def register(sub) -> None:
                         "0 or left out: none), by exact alternating steps; stored at /Solve/mult_poly")
     p.add_argument("--orbit-weights", default=None, metavar="DATASET|FILE|a,b,c",
                    help="target fractions of the component totals")
+    p.add_argument("--orbit-mode", default=exact("orbit_mode"), choices=ORBIT_MODES,
+                   help="strict: the component totals are equality constraints (exact: certified with their "
+                        "multipliers; kaczmarz: each block rescaled to its target after every tile); penalty: "
+                        "a quadratic penalty (exact) or a nudge (kaczmarz) of strength --orbit-strength; auto: "
+                        "penalty when --orbit-strength is given, else strict (default %(default)s)")
+    p.add_argument("--orbit-totals", default=exact("orbit_totals"), choices=ORBIT_TOTALS,
+                   help="strict targets as fractions of the total (normalised to sum 1) or as absolute "
+                        "component totals in the units of x (default %(default)s)")
     p.add_argument("--orbit-strength", type=float, default=None,
-                   help="exact: mu of the orbit-weight penalty (required with --orbit-weights); kaczmarz: "
+                   help="penalty mode; exact: mu of the orbit-weight penalty (required); kaczmarz: "
                         "fraction of the way to the targets per tile (default 0.1)")
     p.add_argument("--no-weights", action="store_true", help="ignore lambda-weights")
     add_operator_options(p)
@@ -90,7 +99,8 @@ def cmd_solve(args, comm) -> int:
 
         refuse_polynomials(args.add_degree, args.mult_degree, "--bootstrap")     # before anything is written
     runner = PipelineRunner(args.file, comm=comm)
-    common = dict(orbit_weights=args.orbit_weights, orbit_strength=args.orbit_strength,
+    common = dict(orbit_weights=args.orbit_weights, orbit_strength=args.orbit_strength, orbit_mode=args.orbit_mode,
+                  orbit_totals=args.orbit_totals,
                   use_weights=not args.no_weights, add_degree=args.add_degree, mult_degree=args.mult_degree,
                   **operator_options(args))
     if args.method == "exact":

@@ -26,6 +26,7 @@ from ..config.errors import InputError, KnobError
 from ..config.options import default_of, parse_ranges
 from ..solvers.exact import solve_exact
 from ..solvers.kaczmarz.solver import solve_kaczmarz
+from ..solvers.orbit import ORBIT_MODES, ORBIT_TOTALS
 from ..stages.build import build_hypercube
 from ..stages.plots import make_plots
 from ..stages.recon import reconstruct
@@ -123,7 +124,12 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "regul_order": _O(default_of(solve_exact, "regul_order"), "1 or 2: first or second differences", "int", minimum=1, maximum=2),
         "orbit_weights": _O(None, "optional (C,) target fractions of the component totals", "floats",
                             nullable=True),
-        "orbit_strength": _O(default_of(solve_kaczmarz, "orbit_strength"), "strength of the orbit-weight term: the penalty's mu (exact; required with orbit_weights) or the fraction of the way to the targets per tile (kaczmarz; null = 0.1)", "float", minimum=0.0, nullable=True),
+        "orbit_mode": _O(default_of(solve_exact, "orbit_mode"), "strict: the component totals are equality constraints "
+                         "(met exactly); penalty: a penalty (exact) or nudge (kaczmarz) of strength orbit_strength; "
+                         "auto: penalty when orbit_strength is set, else strict", "str", choices=ORBIT_MODES),
+        "orbit_totals": _O(default_of(solve_exact, "orbit_totals"), "strict targets as fractions of the total or as "
+                           "absolute component totals", "str", choices=ORBIT_TOTALS),
+        "orbit_strength": _O(default_of(solve_kaczmarz, "orbit_strength"), "strength of the orbit-weight penalty: mu (exact; required in penalty mode) or the fraction of the way to the targets per tile (kaczmarz; null = 0.1)", "float", minimum=0.0, nullable=True),
         "use_weights": _O(default_of(solve_exact, "use_weights"), "weight pixels by /HyperCube/lambda_weights", "bool"),
         "add_degree": _O(default_of(solve_exact, "add_degree"), "additive Legendre polynomials up to this degree per "
                          "spectrum, eliminated exactly (pPXF's degree; null or -1 = none; exact method only)", "int",

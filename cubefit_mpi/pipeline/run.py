@@ -174,6 +174,7 @@ def _run_step(step: str, cfg: dict, comm, *, changed: bool = False) -> None:
         from .runner import PipelineRunner
 
         common = dict(orbit_weights=opts["orbit_weights"], orbit_strength=opts["orbit_strength"],
+                      orbit_mode=opts["orbit_mode"], orbit_totals=opts["orbit_totals"],
                       use_weights=opts["use_weights"], add_degree=opts["add_degree"], mult_degree=opts["mult_degree"])
         runner = PipelineRunner(path, comm=comm)
         if opts["method"] == "exact":

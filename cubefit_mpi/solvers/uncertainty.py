@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from ..config.errors import InputError
+from ..config.errors import ConsistencyError, InputError
 from ..config.options import check_number, keyword_checked
 from ..io import layout as lay
 from ..io.blocks import read_block, write_block
@@ -33,10 +33,11 @@ from ..io.space import dataset_bytes, file_size, require_free_space, reserved_fl
 from ..numerics import bootstrap as bs
 from ..numerics.digest import array_digest
 from ..numerics.regularization import Regularization
-from ..parallel.collectives import agree, allreduce_sum, bcast_array
+from ..parallel.collectives import agree, allreduce_sum, bcast_array, raise_if_any
 from ..parallel.comm import get_comm
 from ..parallel.decomposition import padded_schedule
-from .exact import ORBIT_WEIGHTS, gram_system, population_shape
+from .exact import ORBIT_MASSES, ORBIT_WEIGHTS, gram_system, population_shape
+from .orbit import OrbitSpec, strict_nnls
 from .gram import load_solve_inputs
 from .polynomials import check_degrees
 from .root_nnls import check_nnls_memory, exact_nnls
@@ -103,10 +104,14 @@ def bootstrap_uncertainty(path: str, *, replicates: int = 100, method: str = "wi
         t1 = time.perf_counter()
         delta = _adjoint_pass(path, inputs, todo, residual, variance, used, mine, method, seed, block, comm)
         t2 = time.perf_counter()
-        rows = {}
-        for j, r in enumerate(todo):
-            if j % comm.Get_size() == comm.Get_rank():
-                rows[r] = exact_nnls(total, g_hat + delta[j], reg, x0=x_hat).result.x
+        rows, error = {}, None
+        try:
+            for j, r in enumerate(todo):
+                if j % comm.Get_size() == comm.Get_rank():
+                    rows[r] = _replicate_solve(total, g_hat + delta[j], x_hat, fit["orbit"], inputs.P, reg)
+        except (InputError, ConsistencyError) as exc:
+            error = exc
+        raise_if_any(error, comm)
         t_solve += time.perf_counter() - t2
         t_pass += t2 - t1
         _write_rows(path, rows, todo, comm)
@@ -167,9 +172,24 @@ def _read_fit(path: str, method: str, comm) -> dict:
                "use_weights": bool(a.get("use_weights", True)), "operator": str(a.get("operator", "auto")),
                "norm_mode": str(a.get("norm_mode", "")), "amp_mode": str(a.get("amp_mode", "")),
                "orbit_targets": np.asarray(f[ORBIT_WEIGHTS][...]) if ORBIT_WEIGHTS in f else None}
-    if fit["orbit_targets"] is None or fit["orbit_strength"] == 0.0:
-        fit["orbit_targets"], fit["orbit_strength"] = None, 0.0
+        mode = str(a.get("orbit_mode", "penalty"))
+        totals = str(a.get("orbit_totals", "fractions"))
+        if mode == "strict" and totals == "absolute":
+            fit["orbit_targets"] = np.asarray(f[ORBIT_MASSES][...])
+    strict = mode == "strict" and fit["orbit_targets"] is not None
+    fit["orbit"] = OrbitSpec("strict", totals, fit["orbit_targets"], None) if strict else None
+    if strict or fit["orbit_targets"] is None or fit["orbit_strength"] == 0.0:
+        fit["orbit_targets"], fit["orbit_strength"] = None, 0.0        # no penalty term
     return fit
+
+
+def _replicate_solve(total, rhs, x_hat, orbit: OrbitSpec | None, n_pop: int, reg) -> np.ndarray:
+    """One replicate's NNLS (:func:`.root_nnls.exact_nnls`), warm-started from x̂; under the fit's
+    strict orbit constraints when it had them.  Local."""
+    if orbit is None:
+        return exact_nnls(total, rhs, reg, x0=x_hat).result.x
+    return strict_nnls(total, rhs, orbit, n_pop, x0=x_hat,
+                       solver=lambda g, b, *, tol, x0: exact_nnls(g, b, reg, tol=tol, x0=x0).result)[0]
 
 
 def _prepare(path: str, n: int, replicates: int, params: dict, comm) -> list:

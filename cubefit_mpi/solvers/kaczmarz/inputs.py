@@ -132,6 +132,7 @@ def write_solution(path, x, stats, knobs, comm, provenance: dict | None = None) 
     attrs = {"method": "kaczmarz", "layout": "row-major (C, P)", "chi2": 2.0 * stats["objective"],
              "objective": stats["objective"], "epochs": stats["epochs"], "lr": stats["lr"],
              "c_bands": stats["c_bands"], "s_groups": stats["s_groups"], "warm_start": stats["warm_start"],
+             "orbit_mode": stats["orbit_mode"], "orbit_totals": stats["orbit_totals"],
              "returned_epoch": stats["returned_epoch"], "epochs_rejected": stats["epochs_rejected"],
              "objective_source": stats["objective_source"]}
     for env, value in knobs.as_dict().items():

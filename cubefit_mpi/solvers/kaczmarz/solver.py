@@ -20,7 +20,9 @@ data norm, ties by index) once, in *rounds*: in round ``r`` S-group ``g`` takes 
 4. every ``NNLS_EVERY`` tiles, the group's rank 0 runs the weighted NNLS polish on the best
    candidates (design rows gathered from the band ranks, λ-subsampled); it is kept only when
    the tile's weighted RMSE ratio is below ``NNLS_MIN_IMPROVE``;
-5. commits ``x ← max(0, x + dx)`` and, with orbit weights, the ratio step.
+5. commits ``x ← max(0, x + dx)`` and, with orbit weights, the ratio step (penalty mode) or
+   the exact rescaling of every component block to its target (strict mode,
+   :func:`~.steps.strict_totals`; the start is rescaled too).
 
 Several S-groups: each round's group updates ``dx_g`` are combined as
 ``x ← x + β Σ_g dx_g`` with ``β = 1/G_active`` backtracked (``TILE_BT_*``) until the weighted
@@ -53,6 +55,7 @@ from .epochs import run_epochs
 from .grid import Grid
 from .guard import EpochGuard, GramObjective
 from .tiles import FactoredTiles, HypercubeTiles, Tile
+from ..orbit import DEFAULT_ORBIT_MODE, DEFAULT_ORBIT_TOTALS, orbit_spec
 from .inputs import check_options, initial_x, load_data, read_x_global, solution_bytes, write_solution
 
 _LOG = logging.getLogger("cubefit_mpi.solve")
@@ -69,7 +72,7 @@ class _Run:
     """Everything one solve needs while the file is open.  Methods are collective as noted."""
 
     def __init__(self, f, inputs, grid: Grid, knobs, cfg: ks.StepConfig, col_energy, data_w, y_norm,
-                 targets, eta):
+                 targets, eta, orbit):
         self.inp, self.grid, self.knobs, self.cfg = inputs, grid, knobs, cfg
         self.P = inputs.P
         self.col_energy = col_energy.reshape(-1)
@@ -77,7 +80,7 @@ class _Run:
         self.w_mean = 1.0 if w is None else float(np.mean(w[inputs.mask]))
         self.used = np.flatnonzero(inputs.mask)
         self.n_used = int(self.used.size)
-        self.y_norm, self.targets, self.eta = y_norm, targets, eta
+        self.y_norm, self.targets, self.eta, self.orbit = y_norm, targets, eta, orbit
         self.counts: dict[str, float] = defaultdict(float)   # summed over ranks at the end
         self.maxima: dict[str, float] = defaultdict(float)
         self.group_tiles = 0
@@ -270,7 +273,9 @@ class _Run:
             x_new, records = self._combine(x, dx_g, local, tiles)
         if self.cfg.project_nonneg:
             np.maximum(x_new, 0.0, out=x_new)
-        if self.targets is not None and self.eta > 0:
+        if self.orbit.strict:
+            x_new = ks.strict_totals(x_new.reshape(-1, self.P), self.orbit.targets, self.orbit.totals).reshape(-1)
+        elif self.targets is not None and self.eta > 0:
             x_new = ks.ratio_step(x_new.reshape(-1, self.P), self.targets, self.eta).reshape(-1)
         out = [(grp, t, ks.weighted_rmse(r2, sw), ks.weighted_rmse(r2n, sw), r2n, sw)
                for grp, t, r2, r2n, sw in records]
@@ -324,7 +329,8 @@ class _Run:
 # ---------------------------------------------------------------------------------------------
 @keyword_checked
 def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bool = True,
-                   orbit_weights=None, orbit_strength: float | None = None, warm_start: str = "zeros",
+                   orbit_weights=None, orbit_strength: float | None = None, orbit_mode: str = DEFAULT_ORBIT_MODE,
+                   orbit_totals: str = DEFAULT_ORBIT_TOTALS, warm_start: str = "zeros",
                    x0=None, tracker=None, comm=None, knobs=None, c_bands: int | None = None,
                    decorrelate: float = 0.0, use_weights: bool = True, operator: str = "auto",
                    norm_mode: str | None = None, amp_mode: str | None = None) -> tuple[np.ndarray, dict]:
@@ -337,8 +343,11 @@ def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bo
     lr : float, base learning rate of the preconditioned step
     project_nonneg : bool, keep x ≥ 0 (False also disables the NNLS polish)
     orbit_weights : (C,) array, dataset "/...", .npy/.txt file or "a,b,c"; component-total targets
-    orbit_strength : float in [0, 1], fraction of the way to the targets per tile (default 0.1
-        when ``orbit_weights`` is given)
+    orbit_strength : float in [0, 1], penalty mode: fraction of the way to the targets per tile
+        (default 0.1)
+    orbit_mode : "auto" | "strict" | "penalty"; strict rescales every component block to its
+        target after every tile (exact); auto: penalty when ``orbit_strength`` is given, else strict
+    orbit_totals : "fractions" | "absolute", strict targets as fractions of Σx or as totals
     warm_start : "zeros" | "exact" | "resume" | "jacobi" | (N,) array
     x0 : (N,) array, optional; overrides ``warm_start``
     tracker : object with ``log_rmse``, ``progress``, ``snapshot`` (rank 0 calls it), or None
@@ -357,7 +366,7 @@ def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bo
     x : (C·P,) float64, row-major over (C, P)
     stats : dict (see ``docs/kaczmarz.md``)
     """
-    from ..exact import gram_budget_bytes, parse_orbit_weights
+    from ..exact import gram_budget_bytes
     from ..gram import load_solve_inputs
 
     comm = get_comm(comm)
@@ -371,7 +380,8 @@ def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bo
     check_options(epochs, lr, c_bands, C, orbit_strength, decorrelate)
     if not inputs.mask.any():
         raise InputError(f"{lay.MASK}: every pixel is masked; nothing to fit")
-    targets = parse_orbit_weights(orbit_weights, C, path)
+    orbit = orbit_spec(orbit_weights, C, path, mode=orbit_mode, totals=orbit_totals, strength=orbit_strength)
+    targets = orbit.targets if orbit.mode == "penalty" else None
     require_free_space(path, solution_bytes(n), "kaczmarz (/X_global and its fit-tracker sidecar)", comm)
     eta = 0.0 if targets is None else (DEFAULT_ORBIT_STRENGTH if orbit_strength is None else float(orbit_strength))
     if targets is not None and eta == 0.0 and rank0:
@@ -383,6 +393,8 @@ def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bo
     x, start = initial_x(path, inputs, warm_start, x0, comm, knobs.eps)
     if project_nonneg:
         x = np.maximum(x, 0.0)
+    if orbit.strict:
+        x = ks.strict_totals(x.reshape(C, P), orbit.targets, orbit.totals).reshape(-1)
     x_ref = read_x_global(path, n, comm, require_exact=False, provenance=inputs.provenance)
     gram = GramObjective.load(inputs, comm, gram_budget_bytes(comm)) if knobs.epoch_guard else None
     guard = EpochGuard(int(epochs), enabled=knobs.epoch_guard, damp=knobs.epoch_damp)
@@ -395,7 +407,7 @@ def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bo
         with open_h5(path, "r", comm) as f, matvec_blas_threads(knobs.blas_threads):
             data_w, weighted_norms, y_norm = load_data(f, inputs, comm)
             order = sorted(range(len(inputs.s_tiles)), key=lambda t: (-weighted_norms[t], t))
-            run = _Run(f, inputs, grid, knobs, cfg, col_energy, data_w, y_norm, targets, eta)
+            run = _Run(f, inputs, grid, knobs, cfg, col_energy, data_w, y_norm, targets, eta, orbit)
             if rank0:
                 _LOG.info("kaczmarz: N=%d (C=%d, P=%d), %d S-tiles, %d S-group(s) x %d c-band(s) on %d rank(s), "
                           "%d epoch(s), lr=%g, start=%s, knobs %s", n, C, P, len(order), grid.n_groups,
@@ -412,7 +424,8 @@ def solve_kaczmarz(path, *, epochs: int = 6, lr: float = 0.6, project_nonneg: bo
     stats = _finish_stats(run, comm, history, out, guard, weighted_norms, x_ref, C, P)
     stats.update(method="kaczmarz", operator=inputs.operator.kind, epochs=int(epochs), lr=float(lr), n_params=n,
                  c_bands=len(grid.bands), s_groups=grid.n_groups, n_ranks=comm.Get_size(), warm_start=start,
-                 orbit_strength=eta, decorrelate=float(decorrelate), seconds=time.perf_counter() - t0,
+                 orbit_strength=eta, orbit_mode=orbit.mode, orbit_totals=orbit.totals,
+                 decorrelate=float(decorrelate), seconds=time.perf_counter() - t0,
                  objective_source="off" if not guard.enabled else ("gram" if gram is not None else "probe"),
                  read_ahead=run.tiles.threaded)
     write_solution(path, x, stats, knobs, comm, provenance=inputs.provenance)

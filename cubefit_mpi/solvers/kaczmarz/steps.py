@@ -424,3 +424,31 @@ def ratio_step(x_cp: np.ndarray, targets: np.ndarray, eta: float) -> np.ndarray:
         else:
             x_cp[c] = wanted[c] / x_cp.shape[1]
     return x_cp
+
+
+def strict_totals(x_cp: np.ndarray, targets: np.ndarray, totals: str = "fractions") -> np.ndarray:
+    """Rescale each component's block so its total meets the target exactly.  Local.
+
+    ``fractions``: the totals become ``t_c Σx`` (Σx kept: :func:`ratio_step` with η = 1, the
+    exact, mass-preserving projection); ``absolute``: they become ``m_c``.  A component whose
+    block is all zero is filled uniformly (``target / P``); its population mix is otherwise kept.
+
+    Parameters
+    ----------
+    x_cp : (C, P) float64 ≥ 0; targets : (C,) float64 (fractions summing to 1, or m_c)
+    totals : {"fractions", "absolute"}
+
+    Returns
+    -------
+    (C, P) float64 ≥ 0 (a new array)
+    """
+    if totals == "fractions":
+        return ratio_step(x_cp, targets, 1.0)
+    x_cp = np.array(x_cp, dtype=np.float64, copy=True)
+    have = x_cp.sum(axis=1)
+    for c, want in enumerate(np.asarray(targets, dtype=np.float64)):
+        if have[c] > 0.0:
+            x_cp[c] *= want / have[c]
+        else:
+            x_cp[c] = want / x_cp.shape[1]
+    return x_cp
