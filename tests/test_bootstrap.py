@@ -77,3 +77,14 @@ def test_statistics_totals_means_and_coverage():
     draws = np.random.default_rng(0).normal(size=(4000, 3))
     covered = bs.interval_covers(draws, np.array([0.0, 0.9, 1.1]))
     np.testing.assert_array_equal(covered, [True, True, False])
+
+
+def test_wild_signs_are_the_signs_draw_errors_applies():
+    residual = np.arange(1.0, 13.0).reshape(4, 3)
+    used = np.array([True, False, True])
+    signs = bs.wild_signs(7, [0, 3], 10, 4)
+    assert signs.shape == (2, 4) and set(np.unique(signs)) <= {-1.0, 1.0}
+    for j, r in enumerate([0, 3]):
+        e = bs.draw_errors("wild", residual, used, seed=7, replicate=r, first=10, block="spaxel")
+        np.testing.assert_array_equal(e, np.where(used, residual * signs[j][:, None], 0.0))
+    assert bs.wild_signs(7, [3], 12, 2)[0].tolist() == signs[1, 2:].tolist()     # keyed by spectrum, not position

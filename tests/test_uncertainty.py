@@ -52,7 +52,8 @@ def with_data(src, dst, data):
     return dst
 
 
-@pytest.mark.parametrize("operator, method, block", [("factored", "wild", "spaxel"), ("hypercube", "wild", "pixel"),
+@pytest.mark.parametrize("operator, method, block", [("factored", "wild", "spaxel"), ("hypercube", "wild", "spaxel"),
+                                                     ("hypercube", "wild", "pixel"),
                                                      ("factored", "residual", "spaxel"),
                                                      ("hypercube", "parametric", "spaxel")])
 def test_a_replicate_is_the_fit_of_its_own_data(tmp_path, operator, method, block):

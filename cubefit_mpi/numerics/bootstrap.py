@@ -39,10 +39,13 @@ def draw_errors(method: str, residual: np.ndarray, used: np.ndarray, *, seed: in
     n, L = residual.shape
     out = np.zeros((n, L))
     idx = np.flatnonzero(used)
+    if method == "wild" and block == "spaxel":
+        out[:, idx] = residual[:, idx] * wild_signs(seed, [replicate], first, n)[0][:, None]
+        return out
     for i in range(n):
         rng = np.random.default_rng([int(seed), int(replicate), int(first + i)])
         if method == "wild":
-            signs = 2.0 * rng.integers(0, 2, size=1 if block == "spaxel" else idx.size) - 1.0
+            signs = 2.0 * rng.integers(0, 2, size=idx.size) - 1.0
             out[i, idx] = residual[i, idx] * signs
         elif method == "residual":
             out[i, idx] = residual[i, idx[rng.integers(0, idx.size, size=idx.size)]]
@@ -50,6 +53,17 @@ def draw_errors(method: str, residual: np.ndarray, used: np.ndarray, *, seed: in
             out[i, idx] = np.sqrt(np.maximum(variance[i, idx], 0.0)) * rng.standard_normal(idx.size)
         else:
             raise ValueError(f"bootstrap method {method!r}: expected one of {', '.join(METHODS)}")
+    return out
+
+
+def wild_signs(seed: int, replicates, first: int, n: int) -> np.ndarray:
+    """``(R, n)`` Rademacher signs of the wild bootstrap with one sign per spectrum, for the
+    replicates ``replicates`` and spectra ``first .. first + n − 1``; spectrum s of replicate r
+    from the generator keyed by ``(seed, r, s)`` (the signs :func:`draw_errors` applies).  Local."""
+    out = np.empty((len(replicates), n))
+    for j, r in enumerate(replicates):
+        for i in range(n):
+            out[j, i] = 2.0 * np.random.default_rng([int(seed), int(r), int(first + i)]).integers(0, 2, size=1)[0] - 1.0
     return out
 
 

@@ -97,12 +97,20 @@ def bootstrap_uncertainty(path: str, *, replicates: int = 100, method: str = "wi
               "operator": inputs.operator.kind, "regul": fit["regul"], "ridge": fit["ridge"]}
     pending = _prepare(path, inputs.n_params, replicates, params, comm)
     residual, variance, used, mine = _residuals(path, inputs, x_hat, method, comm)
+    spectrum_rows = (_spectrum_rows(path, inputs, residual, mine, comm)
+                     if (method, block) == ("wild", "spaxel") and pending else None)
     t_pass = t_solve = 0.0
     t_loop = time.perf_counter()
     for start in range(0, len(pending), batch):
         todo = pending[start:start + batch]
         t1 = time.perf_counter()
-        delta = _adjoint_pass(path, inputs, todo, residual, variance, used, mine, method, seed, block, comm)
+        if spectrum_rows is not None:                 # wild, one sign per spectrum: Σ_s ε_s u_s
+            delta = np.zeros((len(todo), inputs.n_params))
+            for t, u in spectrum_rows.items():
+                delta += bs.wild_signs(seed, todo, t[0], t[1] - t[0]) @ u
+            delta = allreduce_sum(delta, comm)
+        else:
+            delta = _adjoint_pass(path, inputs, todo, residual, variance, used, mine, method, seed, block, comm)
         t2 = time.perf_counter()
         rows, error = {}, None
         try:
@@ -251,6 +259,22 @@ def _residuals(path: str, inputs, x_hat: np.ndarray, method: str, comm):
                 variance[tile] = var
         used = inputs.mask
     return residual, variance, used, mine
+
+
+def _spectrum_rows(path: str, inputs, residual: dict, mine, comm) -> dict:
+    """``u_s = A_sᵀ W r_s`` ``(n, N)`` for each S-tile of this rank: with one wild sign per spectrum a
+    replicate's ``Aᵀ W e*`` is ``Σ_s ε_s u_s``, so one pass serves every replicate (memory: this
+    rank's spectra × N doubles).  Collective."""
+    weighting = inputs.weighting
+    idx, w = weighting.used, weighting.sqrt_w ** 2
+    rows = {}
+    with open_h5(path, "r", comm) as f:
+        for tile in padded_schedule(mine, comm):
+            vectors = None if tile is None else (residual[tile][:, idx] * w)[:, :, None]
+            out = inputs.operator.products(f, tile, idx, vectors)
+            if tile is not None:
+                rows[tile] = out[:, :, 0]
+    return rows
 
 
 def _adjoint_pass(path, inputs, todo, residual, variance, used, mine, method, seed, block, comm) -> np.ndarray:
