@@ -1,11 +1,11 @@
 """Work saved by component support: build, Gram passes and recon with and without skipping dark
 (spaxel, component) pairs, on one file, in one run.
 
-    .venv/bin/python benchmarks/support.py [--spaxels 1024 --components 4 --populations 48 --wavelengths 600]
-                                           [--dark 3] [--repeat 3]
+    .venv/bin/python benchmarks/support.py [--spaxels 2048 --components 4 --populations 100 --wavelengths 1000]
+                                           [--dark 3] [--block S/2] [--repeat 3]
 
 The mock's components ``1 .. --dark`` are dark (LOSVD zero) in half of the spaxels (alternate
-blocks of 16), so ``1 − dark / (2 C)`` of the (s, c) pairs carry light. Each stage runs as
+blocks of ``--block``, default one contiguous half), so ``1 − dark / (2 C)`` of the (s, c) pairs carry light. Each stage runs as
 shipped ("skip") and with every pair taken as lit ("full": the support replaced by all-True, the
 builder's GEMM over every row), medians of ``--repeat``:
 
@@ -55,8 +55,9 @@ def everything_lit():
         build.lit_model_tile, select.stored_support, factored_op.support_map = saved
 
 
-def darken(path: str, dark: int, block: int = 16) -> float:
-    """Components 1..dark dark in alternate spaxel blocks; returns the lit fraction of (s, c)."""
+def darken(path: str, dark: int, block: int) -> float:
+    """Components 1..dark dark in alternate blocks of ``block`` spaxels (the first block dark);
+    returns the lit fraction of (s, c)."""
     import h5py
 
     with h5py.File(path, "r+") as f:
@@ -88,11 +89,14 @@ def main(argv=None) -> int:
     from cubefit_mpi.stages.recon import reconstruct
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--spaxels", type=int, default=1024)
+    p.add_argument("--spaxels", type=int, default=2048)
     p.add_argument("--components", type=int, default=4)
-    p.add_argument("--populations", type=int, default=48)
-    p.add_argument("--wavelengths", type=int, default=600)
+    p.add_argument("--populations", type=int, default=100)
+    p.add_argument("--wavelengths", type=int, default=1000)
     p.add_argument("--dark", type=int, default=3)
+    p.add_argument("--block", type=int, default=0,
+                   help="spaxels per dark/lit block (default S/2: dark in one contiguous half, as a component "
+                        "confined to part of the field; small blocks leave every S-tile partly lit)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--dir", default=None)
     args = p.parse_args(argv)
@@ -101,7 +105,7 @@ def main(argv=None) -> int:
     path = str(scratch / "support.h5")
     make_mock(path, MockSpec(spaxels=args.spaxels, components=args.components, populations=args.populations,
                              wavelengths=args.wavelengths, seed=3, snr=50), comm)
-    lit = darken(path, args.dark)
+    lit = darken(path, args.dark, args.block or max(1, args.spaxels // 2))
     stages = {
         "build": lambda: build_hypercube(path, force=True, comm=comm),
         "gram, hypercube": lambda: solve_exact(path, operator="hypercube", use_cache=False, verify=False,
@@ -121,7 +125,7 @@ def main(argv=None) -> int:
         print(f"{name}: skip {skip:.2f}s, full {full:.2f}s, saved {full / skip:.2f}x (ideal {1 / lit:.2f}x)", flush=True)
     print(f"\n`.venv/bin/python benchmarks/support.py --spaxels {args.spaxels} --components {args.components} "
           f"--populations {args.populations} --wavelengths {args.wavelengths} --dark {args.dark} "
-          f"--repeat {args.repeat}` ({100 * lit:.1f} % of (s, c) lit)\n")
+          f"--block {args.block or args.spaxels // 2} --repeat {args.repeat}` ({100 * lit:.1f} % of (s, c) lit)\n")
     print("| stage | skipping dark pairs (s) | every pair (s) | full / skip | ideal |")
     print("|---|---|---|---|---|")
     for name, skip, full in rows:
