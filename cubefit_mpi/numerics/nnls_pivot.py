@@ -38,7 +38,7 @@ from .nnls import PIVOT_RTOL, NNLSResult
 logger = logging.getLogger(__name__)
 
 FULL_EXCHANGES = 3          # Kim & Park's p̄: full exchanges allowed without fewer violations
-SINGLE_EXCHANGES = 32       # safeguard="stop": single exchanges without fewer violations, then stop
+SINGLE_EXCHANGES = 32       # safeguard="stop": single exchanges without a new low of the violations, then stop
 SCHUR_FRACTION = 0.15       # refactor once the columns changed since the factor exceed this × k
 _GATHER_ELEMENTS = 1 << 22  # elements of G's rows copied at a time when gathering G[F, F]
 _REFINE_STEPS = 3
@@ -382,9 +382,10 @@ def nnls_pivot(gram, rhs, *, tol=1e-10, max_iter=None, x0=None, safeguard="murty
     full exchange does not reduce the number of violations for :data:`FULL_EXCHANGES`
     iterations in a row, single exchanges of the last violating index follow (Murty's rule,
     finite for positive-definite G; through the Schur complement each costs O(k²)) until it
-    does.  ``safeguard="stop"`` gives up after :data:`SINGLE_EXCHANGES` of them
-    (``stalled=True``, for semi-definite G, where the rule may cycle) so that the caller can
-    switch methods; ``"murty"`` does not.
+    does.  ``safeguard="stop"`` gives up after :data:`SINGLE_EXCHANGES` of them without a new
+    low of the violation count (``stalled=True``, for semi-definite G, where the rule may cycle;
+    each new low restarts the count, at most N times) so that the caller can switch methods;
+    ``"murty"`` does not.
 
     Parameters
     ----------
@@ -414,7 +415,7 @@ def nnls_pivot(gram, rhs, *, tol=1e-10, max_iter=None, x0=None, safeguard="murty
     max_iter = 2 * n + 50 if max_iter is None else int(max_iter)
     passive = system.start_set(x0)
     excluded = np.zeros(n, dtype=bool)
-    best, budget, single = n + 1, FULL_EXCHANGES, 0
+    best, budget, single, single_low = n + 1, FULL_EXCHANGES, 0, n + 1
     iterations, converged, stalled = 0, False, False
     x = np.zeros(n)
     while iterations < max_iter:
@@ -433,15 +434,17 @@ def nnls_pivot(gram, rhs, *, tol=1e-10, max_iter=None, x0=None, safeguard="murty
             converged = True
             break
         if count < best:
-            best, budget, single = count, FULL_EXCHANGES, 0
+            best, budget, single, single_low = count, FULL_EXCHANGES, 0, n + 1
             flip = leave | enter
         elif budget > 0:
             budget -= 1
             flip = leave | enter
-        elif safeguard == "stop" and single >= SINGLE_EXCHANGES:
-            stalled = True
-            break
         else:
+            if count < single_low:            # the single exchanges still lower the violations: count afresh
+                single_low, single = count, 0
+            if safeguard == "stop" and single >= SINGLE_EXCHANGES:
+                stalled = True
+                break
             single += 1
             flip = np.zeros(n, dtype=bool)
             flip[int(np.flatnonzero(leave | enter)[-1])] = True
