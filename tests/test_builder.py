@@ -353,7 +353,6 @@ def test_sigkill_of_mpiexec_build_then_resume(tmp_path):
 
 def test_checkpoint_interval_delays_done_bits(small_mock, tmp_path, monkeypatch):
     """With a long checkpoint interval the done bits are written once, at the end, all together."""
-    from cubefit_mpi.config import knobs as knobs_module
     path = tmp_path / "c.h5"
     shutil.copy(small_mock, path)
     monkeypatch.setenv("CUBEFIT_BUILD_CHECKPOINT_SEC", "3600")

@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 from mpi4py import MPI
+from mpi_helpers import EpochSnapshots
 
 from cubefit_mpi.config.errors import KnobError
 from cubefit_mpi.config.knobs import Knobs
@@ -29,21 +30,6 @@ ILL = MockSpec(spaxels=96, components=3, populations=16, wavelengths=200, seed=1
 def knobs(**env):
     return Knobs.from_env({"CUBEFIT_LAMBDA_WEIGHTS_ENABLE": "0", **{f"CUBEFIT_{k}": str(v) for k, v in env.items()}})
 
-
-class Snapshots:
-    """A tracker keeping every epoch's iterate."""
-
-    def __init__(self):
-        self.xs = []
-
-    def log_rmse(self, *args):
-        pass
-
-    def progress(self, *args):
-        pass
-
-    def snapshot(self, x, epoch, rmse):
-        self.xs.append(np.array(x, copy=True))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +55,7 @@ def case(ill, tmp_path, request):
 
 
 def run(path, guard=True, env=None, **kw):
-    tracker = Snapshots()
+    tracker = EpochSnapshots()
     x, st = solve_kaczmarz(str(path), epochs=kw.pop("epochs", EPOCHS), comm=SELF, tracker=tracker,
                            knobs=knobs(EPOCH_GUARD=int(guard), **(env or {})), **kw)
     return x, st, tracker.xs

@@ -1,16 +1,13 @@
 """The exact solver under MPI: the same chi2 and x as one rank, for both methods."""
-import shutil
 
 import h5py
 import numpy as np
 import pytest
 from mpi4py import MPI
+from mpi_helpers import built_mock
 
-from cubefit_mpi.config import knobs as knobs_module
 from cubefit_mpi.numerics.synthetic_galaxy import MockSpec
 from cubefit_mpi.solvers.exact import solve_exact
-from cubefit_mpi.stages.build import build_hypercube
-from cubefit_mpi.stages.mock import make_mock
 
 pytestmark = pytest.mark.mpi
 comm = MPI.COMM_WORLD
@@ -19,14 +16,7 @@ comm = MPI.COMM_WORLD
 @pytest.fixture
 def built(mpi_tmp_path, monkeypatch):
     monkeypatch.setenv("CUBEFIT_LAMBDA_WEIGHTS_ENABLE", "0")
-    path = mpi_tmp_path / "g.h5"
-    make_mock(str(path), MockSpec(spaxels=50, components=3, populations=8, wavelengths=150, seed=21, snr=25,
-                                  masked_pixels=9), comm)
-    build_hypercube(str(path), S_chunk=4, comm=comm)
-    if comm.rank == 0:
-        shutil.copy(path, mpi_tmp_path / "ref.h5")
-    comm.Barrier()
-    yield path, mpi_tmp_path / "ref.h5"
+    yield built_mock(mpi_tmp_path, MockSpec(spaxels=50, components=3, populations=8, wavelengths=150, seed=21, snr=25, masked_pixels=9), comm)
 
 
 @pytest.mark.parametrize("method", ["gram", "working-set"])

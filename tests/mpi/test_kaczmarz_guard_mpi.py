@@ -14,7 +14,7 @@ from cubefit_mpi.solvers.exact import solve_exact
 from cubefit_mpi.solvers.kaczmarz.solver import solve_kaczmarz
 from cubefit_mpi.stages.build import build_hypercube
 from cubefit_mpi.stages.mock import make_mock
-from mpi_helpers import assert_all, same_everywhere
+from mpi_helpers import EpochSnapshots, assert_all, same_everywhere
 
 pytestmark = pytest.mark.mpi
 comm = MPI.COMM_WORLD
@@ -26,19 +26,6 @@ CONVERGE_RTOL = 0.05
 # the solver's float64 residual pass against the Gram formula (cancellation in ½yᵀWy − bᵀx + ½xᵀGx)
 PASS_RTOL = 1e-8
 
-
-class Snapshots:
-    def __init__(self):
-        self.xs = []
-
-    def log_rmse(self, *args):
-        pass
-
-    def progress(self, *args):
-        pass
-
-    def snapshot(self, x, epoch, rmse):
-        self.xs.append(np.array(x, copy=True))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +63,7 @@ def _objective(reference, x):
 @pytest.mark.parametrize("c_bands", [None, 1])          # default c-bands (S-groups beyond 3 ranks), one band
 def test_never_worse_and_no_worse_than_one_rank(source, pair, c_bands):
     par, ser, kind = pair
-    tracker = Snapshots()
+    tracker = EpochSnapshots()
     x, st = solve_kaczmarz(str(par), epochs=EPOCHS, comm=comm, knobs=KNOBS, c_bands=c_bands, tracker=tracker)
     ok, why = True, ""
     if comm.rank == 0:

@@ -1,19 +1,16 @@
 """Strict orbit weights under MPI: the exact solve gives the same x, totals and multipliers on every
 rank and as one rank; infeasible targets fail on every rank together; Kaczmarz strict holds the totals."""
-import shutil
 
 import h5py
 import numpy as np
 import pytest
 from mpi4py import MPI
-from mpi_helpers import assert_all, same_everywhere
+from mpi_helpers import assert_all, built_mock, same_everywhere
 
 from cubefit_mpi.config.errors import InputError
 from cubefit_mpi.numerics.synthetic_galaxy import MockSpec
 from cubefit_mpi.solvers.exact import solve_exact
 from cubefit_mpi.solvers.kaczmarz.solver import solve_kaczmarz
-from cubefit_mpi.stages.build import build_hypercube
-from cubefit_mpi.stages.mock import make_mock
 
 pytestmark = pytest.mark.mpi
 comm = MPI.COMM_WORLD
@@ -23,14 +20,7 @@ TARGETS = np.array([0.5, 0.2, 0.3])
 @pytest.fixture
 def built(mpi_tmp_path, monkeypatch):
     monkeypatch.setenv("CUBEFIT_LAMBDA_WEIGHTS_ENABLE", "0")
-    path = mpi_tmp_path / "g.h5"
-    make_mock(str(path), MockSpec(spaxels=40, components=3, populations=6, wavelengths=120, seed=21, snr=25,
-                                  masked_pixels=9), comm)
-    build_hypercube(str(path), S_chunk=4, comm=comm)
-    if comm.rank == 0:
-        shutil.copy(path, mpi_tmp_path / "ref.h5")
-    comm.Barrier()
-    yield path, mpi_tmp_path / "ref.h5"
+    yield built_mock(mpi_tmp_path, MockSpec(spaxels=40, components=3, populations=6, wavelengths=120, seed=21, snr=25, masked_pixels=9), comm)
 
 
 def test_strict_parallel_equals_serial(built):
