@@ -310,6 +310,11 @@ STAGES = {   # stage -> the command line on FILE
     "uncertainty": lambda f, fits: ["uncertainty", f, "--replicates", 8, "--batch", 4],
 }
 FAST = {("recon", 1), ("solve", 1), ("ingest", 1), ("uncertainty", 1)}
+# The whole fault matrix (every stage x 1, 2 (3) ranks x both reservations) takes ~15 minutes;
+# `make test` runs every stage once and the multi-rank and no-fallocate cases for solve and recon.
+# FAULT_MATRIX=full runs all of it (as benchmarks/faults.py does for kills as well).
+FULL_MATRIX = os.environ.get("FAULT_MATRIX") == "full"
+SUITE = {("solve", 2), ("recon", 2), ("solve", 3)}
 
 
 def _disk_full_case(cube, fits, tmp_path, stage, ranks, env, expected):
@@ -350,17 +355,24 @@ def test_disk_full_refused_before_writing(cube, fits_inputs, tmp_path, stage, ra
     _disk_full_case(cube, fits_inputs, tmp_path, stage, ranks, {}, 2)
 
 
+def _matrix(*axes, keep):
+    import itertools
+
+    return [values for values in itertools.product(*axes) if FULL_MATRIX or keep(*values)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["reserve", "no-fallocate"])
-@pytest.mark.parametrize("stage, ranks", _params(list(STAGES), [1, 2]))
+@pytest.mark.parametrize("stage, ranks, how", _matrix(list(STAGES), [1, 2], ["reserve", "no-fallocate"], keep=lambda
+                         stage, ranks, how: (how == "reserve" and ranks == 1) or (stage, ranks) in SUITE
+                         or (how == "no-fallocate" and (stage, ranks) == ("solve", 1))))
 def test_disk_full_during_the_write_keeps_the_file(cube, fits_inputs, tmp_path, stage, ranks, how):
     env = {"CUBEFIT_SPACE_CHECK": "0", **({"FAULT_NOFALLOC": "1"} if how == "no-fallocate" else {})}
     _disk_full_case(cube, fits_inputs, tmp_path, stage, ranks, env, 1)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks", [2, 3])
-@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("stage, ranks", _matrix(list(STAGES), [2, 3], keep=lambda stage, ranks: ranks == 2
+                                                  or (stage, ranks) in SUITE))
 def test_exception_on_each_rank_of_every_stage(cube, fits_inputs, tmp_path, stage, ranks):
     """An exception on one rank (each in turn) in the middle of the stage: the job ends within 10 s
     of it with the traceback and a non-zero exit, and the command then completes."""

@@ -130,6 +130,9 @@ def writer_process_main() -> None:
     def report(error):
         sys.stdout.write("ready\n" if error is None else f"error {error}\n")
         sys.stdout.flush()
+        if error is not None:                    # reported once; HDF5 freeing the half-made file says no more
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
 
     threading.Thread(target=read_pipe, daemon=True).start()
     if _writer_loop(path, meta, settings, local, report):
