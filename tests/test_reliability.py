@@ -24,7 +24,7 @@ from cubefit_mpi.io import lock as lk
 from cubefit_mpi.io import space
 from cubefit_mpi.io.datasets import (COMMIT_ATTR, SPARE_SUFFIX, STAGED_SUFFIX, recover_swap, staged_bytes,
                                      staged_datasets, write_small)
-from cubefit_mpi.io.h5file import is_write_error, open_h5
+from cubefit_mpi.io.h5file import is_write_error, open_h5, write_reason
 from cubefit_mpi.parallel.failure import FailureAgreement
 
 SELF = MPI.COMM_SELF
@@ -175,7 +175,11 @@ def test_reservation_failure_comes_before_the_flush_and_no_fallocate_writes_zero
 def test_write_errors_are_recognised():
     assert is_write_error(OSError(errno.ENOSPC, "No space left on device"))
     assert is_write_error(RuntimeError("Can't decrement id ref count (file write failed: time = ...)"))
+    created = ValueError("Unable to create dataset (file write failed: time = ..., errno = 28, error message = "
+                         "'No space left on device', ...)")      # h5py's create of an early-allocated dataset
+    assert is_write_error(created) and write_reason(created) == "No space left on device"
     assert not is_write_error(RuntimeError("an ordinary bug"))
+    assert not is_write_error(ValueError("shape mismatch"))
     assert not is_write_error(OSError(errno.ENOENT, "no such file"))
 
 

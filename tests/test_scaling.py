@@ -294,3 +294,20 @@ def test_factored_model_counts_the_operators_flops_and_fits_g_per_rank():
     assert one.compute < hyper.compute / 100                  # no pass over the hypercube
     rows = fm.factored_table(p, m, [1, 2, 4])
     assert [r["nodes"] for r in rows] == [1, 2, 4] and rows[0]["speedup"] == 1.0
+
+
+def test_phase_timer_counts_a_nested_phase_once():
+    import time as _time
+
+    from cubefit_mpi.parallel.timers import PhaseTimer
+
+    timer = PhaseTimer()
+    t0 = _time.perf_counter()
+    with timer.phase("compute"):
+        _time.sleep(0.02)
+        with timer.phase("comm"):
+            _time.sleep(0.03)
+    wall = _time.perf_counter() - t0
+    assert timer.seconds["comm"] >= 0.03 and timer.seconds["compute"] >= 0.02
+    assert timer.seconds["compute"] < 0.03 + 0.02                       # the inner 0.03 s is not counted twice
+    assert sum(timer.seconds.values()) <= wall * 1.001

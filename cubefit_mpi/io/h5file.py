@@ -107,6 +107,8 @@ def open_h5(path: str | os.PathLike, mode: str = "r", comm=None, *, retries: int
     fileno = handle.id.fileno
     _PARALLEL_BY_FILENO[fileno] = comm.Get_size() > 1
     agreement = FailureAgreement(comm)
+    if mode != "r":                    # a failed write shows as a WriteFailure below; the tracebacks h5py
+        quiet_write_errors()           # prints while freeing that write's objects say nothing more
     try:
         yield handle
         if mode != "r":                # room for what the flush writes first: a full disk shows here, not in
@@ -141,7 +143,7 @@ def is_write_error(exc: BaseException) -> bool:
     """True for an exception of a failed write (no space, quota, I/O error).  Local."""
     if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
         return True
-    if isinstance(exc, (OSError, RuntimeError)):
+    if isinstance(exc, (OSError, RuntimeError, ValueError)):      # h5py: ValueError from a create that wrote
         text = str(exc).lower()
         return any(word in text for word in _WRITE_WORDS)
     return False
@@ -173,6 +175,8 @@ def write_reason(exc: BaseException) -> str:
     """``No space left on device`` (from the errno) or the first line of the message.  Local."""
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno)
+    if "no space left on device" in str(exc).lower():      # HDF5's message carries the system's words
+        return os.strerror(errno.ENOSPC)
     return first_line(exc).split(" (file write failed")[0]
 
 
