@@ -309,5 +309,4 @@ def test_phase_timer_counts_a_nested_phase_once():
             _time.sleep(0.03)
     wall = _time.perf_counter() - t0
     assert timer.seconds["comm"] >= 0.03 and timer.seconds["compute"] >= 0.02
-    assert timer.seconds["compute"] < 0.03 + 0.02                       # the inner 0.03 s is not counted twice
-    assert sum(timer.seconds.values()) <= wall * 1.001
+    assert sum(timer.seconds.values()) <= wall * 1.001                  # the inner 0.03 s is not counted twice
