@@ -79,25 +79,30 @@ class HypercubeOperator(Operator):
                                             None if bases is None else bases[i])
                     yield cols, design, target
 
-    def products(self, f, tile, used: np.ndarray, vectors: np.ndarray | None) -> np.ndarray | None:
+    def _read_tile(self, f, tile):
+        """The stored models of the spaxels ``tile`` ``(n, C, P, L)`` float32, or None for ``tile=None``
+        (the rank still joins the collective read).  Collective over the file's communicator."""
         models = f[lay.MODELS]
         if tile is None:
             read_block(models, None, None)
             return None
+        return read_block(models, (tile[0], 0, 0, 0), (tile[1] - tile[0], self.C, self.P, self.L))
+
+    def products(self, f, tile, used: np.ndarray, vectors: np.ndarray | None) -> np.ndarray | None:
+        a_tile = self._read_tile(f, tile)
+        if a_tile is None:
+            return None
         s0, s1 = tile
-        a_tile = read_block(models, (s0, 0, 0, 0), (s1 - s0, self.C, self.P, self.L))
         out = np.empty((s1 - s0, self.n_params, vectors.shape[2]))
         for i in range(s1 - s0):
             out[i] = a_tile[i].reshape(self.n_params, self.L)[:, used].astype(np.float64) @ vectors[i]
         return out
 
     def adjoint(self, f, tile, weighting: Weighting, v_w: np.ndarray | None) -> np.ndarray | None:
-        models = f[lay.MODELS]
-        if tile is None:
-            read_block(models, None, None)
+        a_tile = self._read_tile(f, tile)
+        if a_tile is None:
             return None
         s0, s1 = tile
-        a_tile = read_block(models, (s0, 0, 0, 0), (s1 - s0, self.C, self.P, self.L))
         used, sqrt_w = weighting.used, weighting.sqrt_w
         cols = lit_columns(self._lit_on(tile), self.P)
         out = np.zeros((v_w.shape[2], self.n_params))
